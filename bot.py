@@ -1,0 +1,116 @@
+"""Entry point: load .env, validate the configuration, set up logging, build the bot and run it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import aiohttp
+import discord
+import yarl
+from discord.ext import commands
+from dotenv import load_dotenv
+
+from services.config import Config, ConfigError
+from services.segmind import RequestBudget, SegmindClient
+
+log = logging.getLogger("dreamshaper")
+
+EXTENSIONS: tuple[str, ...] = ()
+
+
+def point_discord_py_at(api_base: str | None, gateway_url: str | None) -> None:
+    """Sends REST and gateway traffic to a proxy (or a local stand-in) instead of discord.com.
+
+    Resumes follow the `resume_gateway_url` that READY names, so the initial gateway is all that is needed.
+    """
+    if api_base:
+        discord.http.Route.BASE = f"{api_base.rstrip('/')}/api/v10"
+    if gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+
+
+class DreamshaperBot(commands.Bot):
+    def __init__(self, config: Config) -> None:
+        # Slash commands and buttons arrive as interactions, which need no privileged intents; the guilds
+        # intent keeps channels cached for results posted outside the interaction.
+        intents = discord.Intents.none()
+        intents.guilds = True
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            allowed_mentions=discord.AllowedMentions.none(),
+            help_command=None,
+        )
+        self.config = config
+        self.http_session: aiohttp.ClientSession | None = None
+        self.segmind: SegmindClient | None = None
+
+    async def setup_hook(self) -> None:
+        self.http_session = aiohttp.ClientSession(raise_for_status=False)
+        self.segmind = SegmindClient(
+            self.http_session,
+            api_key=self.config.segmind_api_key,
+            base_url=self.config.segmind_base_url,
+            model=self.config.segmind_model,
+            budget=RequestBudget(self.config.segmind_requests_per_minute),
+            deadline=self.config.segmind_job_deadline_seconds,
+        )
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+        await self._sync_commands()
+
+    async def _sync_commands(self) -> None:
+        if self.config.discord_guild_ids:
+            # Guild commands appear at once; global ones can take up to an hour to reach every client.
+            for guild_id in self.config.discord_guild_ids:
+                guild = discord.Object(id=guild_id)
+                self.tree.copy_global_to(guild=guild)
+                synced = await self.tree.sync(guild=guild)
+                log.info("synced %d command(s) to guild %d", len(synced), guild_id)
+        else:
+            synced = await self.tree.sync()
+            log.info("synced %d global command(s)", len(synced))
+
+    async def on_ready(self) -> None:
+        log.info(
+            "connected as %s (%s) to %d guild(s)", self.user, getattr(self.user, "id", "?"), len(self.guilds)
+        )
+
+    async def close(self) -> None:
+        await super().close()
+        if self.http_session is not None:
+            await self.http_session.close()
+
+
+async def run(config: Config) -> None:
+    bot = DreamshaperBot(config)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(bot.close()))
+    async with bot:
+        await bot.start(config.discord_token)
+
+
+def main() -> int:
+    load_dotenv()
+    try:
+        config = Config.from_env(os.environ)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    discord.utils.setup_logging(level=config.log_level_number, root=True)
+    point_discord_py_at(config.discord_api_base, config.discord_gateway_url)
+    try:
+        asyncio.run(run(config))
+    except discord.LoginFailure:
+        log.error("Discord refused the bot token (DISCORD_TOKEN); check it in the developer portal")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

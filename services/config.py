@@ -1,0 +1,173 @@
+"""The bot's configuration: read once from the environment, validated as a whole, then frozen."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(Exception):
+    """Every problem found in the environment, reported together so one fix-and-restart is enough."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(
+            f"The bot cannot start: {len(problems)} configuration problem(s):\n{lines}\n"
+            "See .env.example for every variable, its default and its meaning."
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    # Secrets are kept out of repr so a logged or printed Config never leaks them.
+    discord_token: str = field(repr=False)
+    segmind_api_key: str = field(repr=False)
+    segmind_base_url: str = "https://api.segmind.com"
+    segmind_model: str = "sdxl1.0-dreamshaper"
+    segmind_requests_per_minute: int = 50
+    segmind_job_deadline_seconds: float = 600.0
+    database_url: str = "sqlite:///data/bot.sqlite3"
+    quota_daily_images: int = 40
+    quota_max_concurrent: int = 2
+    quota_exempt_role_ids: frozenset[int] = frozenset()
+    discord_guild_ids: tuple[int, ...] = ()
+    mod_log_channel_id: int | None = None
+    credits_cooloff_seconds: float = 600.0
+    rate_limit_max_wait_seconds: float = 120.0
+    discord_api_base: str | None = None
+    discord_gateway_url: str | None = None
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Config:
+        reader = _EnvReader(environ)
+        values: dict[str, Any] = {
+            "discord_token": reader.required("DISCORD_TOKEN"),
+            "segmind_api_key": reader.required("SEGMIND_API_KEY"),
+            "segmind_base_url": reader.get("SEGMIND_BASE_URL", _http_url, cls.segmind_base_url),
+            "segmind_model": reader.get("SEGMIND_MODEL", _model_name, cls.segmind_model),
+            "segmind_requests_per_minute": reader.get(
+                "SEGMIND_REQUESTS_PER_MINUTE", _int_at_least(1), cls.segmind_requests_per_minute
+            ),
+            "segmind_job_deadline_seconds": reader.get(
+                "SEGMIND_JOB_DEADLINE_SECONDS", _positive_float, cls.segmind_job_deadline_seconds
+            ),
+            "database_url": reader.get("DATABASE_URL", _database_url, cls.database_url),
+            "quota_daily_images": reader.get("QUOTA_DAILY_IMAGES", _int_at_least(0), cls.quota_daily_images),
+            "quota_max_concurrent": reader.get(
+                "QUOTA_MAX_CONCURRENT", _int_at_least(1), cls.quota_max_concurrent
+            ),
+            "quota_exempt_role_ids": frozenset(reader.get("QUOTA_EXEMPT_ROLE_IDS", _snowflake_list, ())),
+            "discord_guild_ids": reader.get("DISCORD_GUILD_IDS", _snowflake_list, ()),
+            "mod_log_channel_id": reader.get("MOD_LOG_CHANNEL_ID", _snowflake, None),
+            "credits_cooloff_seconds": reader.get(
+                "CREDITS_COOLOFF_SECONDS", _positive_float, cls.credits_cooloff_seconds
+            ),
+            "rate_limit_max_wait_seconds": reader.get(
+                "RATE_LIMIT_MAX_WAIT_SECONDS", _positive_float, cls.rate_limit_max_wait_seconds
+            ),
+            "discord_api_base": reader.get("DISCORD_API_BASE", _http_url, None),
+            "discord_gateway_url": reader.get("DISCORD_GATEWAY_URL", _ws_url, None),
+            "log_level": reader.get("LOG_LEVEL", _log_level, cls.log_level),
+        }
+        if reader.problems:
+            raise ConfigError(reader.problems)
+        return cls(**values)
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelNamesMapping()[self.log_level]
+
+
+class _EnvReader:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        self.problems: list[str] = []
+
+    def required(self, name: str) -> str:
+        value = self._environ.get(name, "").strip()
+        if not value:
+            self.problems.append(f"{name} is required but not set")
+        return value
+
+    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self._environ.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            # The raw value is echoed only for non-secret variables, which is all of these.
+            self.problems.append(f"{name}={raw!r} is invalid: {exc}")
+            return default
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if value < minimum:
+            raise ValueError(f"expected a whole number of at least {minimum}")
+        return value
+
+    return parse
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError("expected a positive number of seconds")
+    return value
+
+
+def _snowflake(raw: str) -> int:
+    if not raw.isdigit() or int(raw) == 0:
+        raise ValueError("expected a Discord id (digits only)")
+    return int(raw)
+
+
+def _snowflake_list(raw: str) -> tuple[int, ...]:
+    return tuple(_snowflake(part.strip()) for part in raw.split(",") if part.strip())
+
+
+def _url_with_scheme(raw: str, schemes: tuple[str, ...]) -> str:
+    if not raw.startswith(tuple(f"{scheme}://" for scheme in schemes)) or len(raw.split("://", 1)[1]) == 0:
+        raise ValueError(f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+    return raw.rstrip("/")
+
+
+def _http_url(raw: str) -> str:
+    return _url_with_scheme(raw, ("https", "http"))
+
+
+def _ws_url(raw: str) -> str:
+    return _url_with_scheme(raw, ("wss", "ws"))
+
+
+def _database_url(raw: str) -> str:
+    return _url_with_scheme(raw, ("sqlite", "redis", "rediss"))
+
+
+def _model_name(raw: str) -> str:
+    if "/" in raw or " " in raw:
+        raise ValueError("expected a model slug such as sdxl1.0-dreamshaper")
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+    return level
