@@ -15,11 +15,15 @@ from discord.ext import commands
 from dotenv import load_dotenv
 
 from services.config import Config, ConfigError
+from services.jobs import JobService
+from services.quota import QuotaGuard
 from services.segmind import RequestBudget, SegmindClient
+from services.store import Store, open_store
+from services.store.base import QuotaLimits
 
 log = logging.getLogger("dreamshaper")
 
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = ("cogs.imagine",)
 
 
 def point_discord_py_at(api_base: str | None, gateway_url: str | None) -> None:
@@ -46,8 +50,12 @@ class DreamshaperBot(commands.Bot):
             help_command=None,
         )
         self.config = config
-        self.http_session: aiohttp.ClientSession | None = None
-        self.segmind: SegmindClient | None = None
+        # Built in setup_hook, which runs inside the event loop the sessions belong to.
+        self.http_session: aiohttp.ClientSession
+        self.segmind: SegmindClient
+        self.store: Store
+        self.quota: QuotaGuard
+        self.jobs: JobService
 
     async def setup_hook(self) -> None:
         self.http_session = aiohttp.ClientSession(raise_for_status=False)
@@ -58,6 +66,20 @@ class DreamshaperBot(commands.Bot):
             model=self.config.segmind_model,
             budget=RequestBudget(self.config.segmind_requests_per_minute),
             deadline=self.config.segmind_job_deadline_seconds,
+        )
+        self.store = await open_store(self.config.database_url)
+        self.quota = QuotaGuard(
+            self.store,
+            QuotaLimits(self.config.quota_daily_images, self.config.quota_max_concurrent),
+            self.config.quota_exempt_role_ids,
+        )
+        self.jobs = JobService(
+            self.segmind,
+            self.store,
+            self.quota,
+            self.http_session,
+            credits_cooloff=self.config.credits_cooloff_seconds,
+            rate_limit_max_wait=self.config.rate_limit_max_wait_seconds,
         )
         for extension in EXTENSIONS:
             await self.load_extension(extension)
@@ -82,8 +104,10 @@ class DreamshaperBot(commands.Bot):
 
     async def close(self) -> None:
         await super().close()
-        if self.http_session is not None:
+        if hasattr(self, "http_session"):
             await self.http_session.close()
+        if hasattr(self, "store"):
+            await self.store.close()
 
 
 async def run(config: Config) -> None:

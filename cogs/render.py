@@ -1,0 +1,238 @@
+"""What members see: progress lines, the result embed, and the one mapping from errors to replies."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+
+import discord
+from discord.app_commands import AppCommandError, TransformerError
+
+from services.jobs import DownloadFailed, JobError, Progress, ProgressKind
+from services.request import GenerationRequest, RequestValidationError
+from services.segmind import (
+    BadRequest,
+    Forbidden,
+    InsufficientCredits,
+    JobFailed,
+    JobTimeout,
+    NotAcceptable,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+)
+from services.store.base import QuotaRefusal, QuotaUsage
+
+log = logging.getLogger(__name__)
+
+EMBED_DESCRIPTION_LIMIT = 4096
+EMBED_FIELD_LIMIT = 1024
+MESSAGE_LIMIT = 2000
+
+# The API's parameter names, as the /imagine options call them.
+OPTION_NAMES = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "samples": "samples",
+    "scheduler": "scheduler",
+    "num_inference_steps": "steps",
+    "guidance_scale": "guidance",
+    "seed": "seed",
+    "img_width": "width",
+    "img_height": "height",
+}
+
+
+def truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def quote_user_text(text: str, limit: int) -> str:
+    """User text echoed back: markdown escaped so a prompt cannot format (or break) the message."""
+    escaped = discord.utils.escape_markdown(text)
+    escaped = escaped if len(escaped) <= limit else discord.utils.escape_markdown(text[: limit // 2]) + "…"
+    return truncate(escaped, limit)
+
+
+def relative_time(epoch: float) -> str:
+    return f"<t:{int(epoch)}:R>"
+
+
+def progress_text(progress: Progress) -> str:
+    if progress.kind is ProgressKind.WAITING_FOR_SLOT:
+        return f"⏳ Waiting for a free slot: position {progress.position} in line."
+    if progress.kind is ProgressKind.RATE_LIMITED:
+        when = relative_time(progress.retry_at) if progress.retry_at else "shortly"
+        return f"⏳ Segmind is busy; waiting for a slot (next try {when})."
+    if progress.kind is ProgressKind.QUEUED:
+        return f"📨 Queued at Segmind… ({progress.elapsed:.0f} s)"
+    return f"🎨 Generating… {progress.elapsed:.0f} s"
+
+
+def describe_request(request: GenerationRequest) -> list[tuple[str, str]]:
+    return [
+        ("Scheduler", request.scheduler),
+        ("Steps", str(request.num_inference_steps)),
+        ("Guidance", f"{request.guidance_scale:g}"),
+        ("Size", f"{request.img_width}×{request.img_height}"),
+        ("Seed", f"`{request.seed}`"),
+        ("Images", str(request.samples)),
+    ]
+
+
+def result_embed(
+    request: GenerationRequest, *, inference_time: float | None, requester: str
+) -> discord.Embed:
+    embed = discord.Embed(
+        title="Dreamshaper SDXL",
+        description=quote_user_text(request.prompt, EMBED_DESCRIPTION_LIMIT),
+        colour=discord.Colour.blurple(),
+    )
+    if request.negative_prompt:
+        embed.add_field(
+            name="Negative prompt",
+            value=quote_user_text(request.negative_prompt, EMBED_FIELD_LIMIT),
+            inline=False,
+        )
+    for name, value in describe_request(request):
+        embed.add_field(name=name, value=value)
+    if inference_time is not None:
+        embed.add_field(name="Inference", value=f"{inference_time:.1f} s")
+    embed.set_footer(text=truncate(f"Requested by {requester}", 200))
+    return embed
+
+
+def imagine_command_line(request: GenerationRequest) -> str:
+    """A /imagine line that re-creates the request; quotes are not needed by Discord's option parser."""
+    defaults = GenerationRequest(prompt=request.prompt)
+    parts = [f"/imagine prompt:{request.prompt}"]
+    for field, option in OPTION_NAMES.items():
+        value = getattr(request, field)
+        if field != "prompt" and (field == "seed" or value != getattr(defaults, field)):
+            parts.append(f"{option}:{value:g}" if isinstance(value, float) else f"{option}:{value}")
+    return " ".join(parts)
+
+
+def info_embed(request: GenerationRequest, request_id: str | None) -> discord.Embed:
+    embed = discord.Embed(title="Generation parameters", colour=discord.Colour.dark_grey())
+    embed.add_field(name="Prompt", value=quote_user_text(request.prompt, EMBED_FIELD_LIMIT), inline=False)
+    if request.negative_prompt:
+        embed.add_field(
+            name="Negative prompt",
+            value=quote_user_text(request.negative_prompt, EMBED_FIELD_LIMIT),
+            inline=False,
+        )
+    for name, value in describe_request(request):
+        embed.add_field(name=name, value=value)
+    if request_id:
+        embed.add_field(name="Segmind request", value=f"`{request_id}`", inline=False)
+    line = imagine_command_line(request).replace("```", "'''")
+    embed.description = f"Copy to run it again:\n```\n{truncate(line, 3900)}\n```"
+    return embed
+
+
+def validation_reply(error: RequestValidationError) -> str:
+    option = OPTION_NAMES.get(error.field, error.field)
+    allowed = error.allowed.replace("img_width", "width").replace("img_height", "height")
+    shown = truncate(str(error.value), 60)
+    return truncate(
+        f"❌ `{option}` can't be `{discord.utils.escape_markdown(shown)}`: it must be {allowed}.", 1900
+    )
+
+
+def quota_refusal_reply(refusal: QuotaRefusal, requested: int) -> str:
+    if refusal.reason == "concurrent":
+        return (
+            f"⏳ You already have {refusal.in_flight} generation(s) running; wait for one to finish. "
+            f"You have {refusal.remaining_images} image(s) left today."
+        )
+    when = f" More become available {relative_time(refusal.resets_at)}." if refusal.resets_at else ""
+    return (
+        f"🧮 You asked for {requested} image(s) but have {refusal.remaining_images} left in your 24-hour quota."
+        f"{when}"
+    )
+
+
+def quota_usage_embed(usage: QuotaUsage, *, exempt: bool) -> discord.Embed:
+    embed = discord.Embed(title="Your image quota", colour=discord.Colour.green())
+    if exempt:
+        embed.description = "Your role is exempt from the quota."
+    embed.add_field(name="Used (24 h)", value=f"{usage.used_images} / {usage.daily_limit}")
+    embed.add_field(name="Left", value=str(usage.remaining_images))
+    embed.add_field(name="Running now", value=f"{usage.in_flight} / {usage.max_concurrent}")
+    if usage.resets_at:
+        embed.add_field(name="Next image frees up", value=relative_time(usage.resets_at), inline=False)
+    return embed
+
+
+def credits_exhausted_reply() -> str:
+    return "💳 The bot is out of Segmind credits; the admins have been told. Please try again later."
+
+
+@dataclass(frozen=True)
+class FailureReply:
+    text: str
+    error_id: str | None = None  # set when the cause was logged with a traceback for the admins
+
+
+def new_error_id() -> str:
+    return secrets.token_hex(3).upper()
+
+
+def job_failure_reply(error: JobError) -> FailureReply:
+    """Maps a failed job to what a member understands; the cause stays in the log."""
+    cause = error.cause
+    ref = f" (request `{error.request_id}`)" if error.request_id else ""
+    charged = (
+        " Segmind ran the job, so it counts toward your quota."
+        if error.billed
+        else " Your quota was not charged."
+    )
+    if isinstance(cause, InsufficientCredits):
+        return FailureReply(credits_exhausted_reply())
+    if isinstance(cause, RateLimited):
+        when = relative_time(error.retry_at) if error.retry_at else "in a few minutes"
+        return FailureReply(f"⏳ Segmind is rate limiting the bot. Please try again {when}.{charged}")
+    if isinstance(cause, JobFailed) and cause.is_content_block:
+        return FailureReply("🚫 This prompt was blocked by the content filter. No image was made." + charged)
+    if isinstance(cause, JobFailed):
+        return FailureReply(f"⚠️ Segmind could not generate this image{ref}.{charged}")
+    if isinstance(cause, Unauthorized | Forbidden | NotAcceptable | BadRequest) or (
+        isinstance(cause, NotFound) and error.request_id is None
+    ):
+        error_id = new_error_id()
+        log.error(
+            "error %s: Segmind refused the bot's request: %s: %s", error_id, type(cause).__name__, cause
+        )
+        return FailureReply(
+            f"⚙️ The bot is not configured correctly, so nothing was generated. Error id `{error_id}` tells the "
+            f"admins what happened.{charged}",
+            error_id,
+        )
+    if isinstance(cause, NotFound):
+        return FailureReply(f"⌛ Segmind no longer has this result{ref}.{charged}")
+    if isinstance(cause, JobTimeout):
+        return FailureReply(f"⌛ Segmind took too long to finish this job{ref}.{charged}")
+    if isinstance(cause, DownloadFailed):
+        return FailureReply(f"📉 The images were generated but could not be downloaded{ref}.{charged}")
+    error_id = new_error_id()
+    log.error("error %s: job %s failed", error_id, error.job.id, exc_info=cause)
+    return FailureReply(
+        f"⚠️ Segmind had a problem with this job{ref}. Error id `{error_id}`.{charged}", error_id
+    )
+
+
+def unexpected_error_reply(error: BaseException, context: str) -> FailureReply:
+    error_id = new_error_id()
+    log.error("error %s: unexpected failure in %s", error_id, context, exc_info=error)
+    return FailureReply(f"⚠️ Something went wrong on the bot's side. Error id `{error_id}`.", error_id)
+
+
+def app_command_error_reply(error: AppCommandError, context: str) -> FailureReply:
+    if isinstance(error, TransformerError):
+        return FailureReply(f"❌ `{truncate(str(error.value), 60)}` is not a valid value for this option.")
+    original = getattr(error, "original", error)
+    if isinstance(original, RequestValidationError):
+        return FailureReply(validation_reply(original))
+    return unexpected_error_reply(original, context)

@@ -1,0 +1,267 @@
+"""The job lifecycle: submit -> poll -> fetch images, with the quota settled by whether Segmind billed.
+
+Every state change is written to the store, so a job can be found (for its buttons) and resumed later.
+Progress goes back up through a plain callback; nothing here knows about Discord.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import aiohttp
+
+from services.images import ImageDecodeError, check_image, decode_base64_image
+from services.quota import QuotaGuard
+from services.request import GenerationRequest
+from services.segmind import (
+    InsufficientCredits,
+    JobFailed,
+    JobResult,
+    JobState,
+    RateLimited,
+    SegmindClient,
+    SegmindError,
+    SubmittedJob,
+)
+from services.store.base import JobRecord, Store
+from services.store.base import JobState as StoredState
+
+log = logging.getLogger(__name__)
+
+CREDITS_FLAG = "segmind_out_of_credits"
+DEFAULT_RATE_LIMIT_WAIT = 5.0
+DOWNLOAD_ATTEMPTS = 3
+
+
+class ProgressKind(StrEnum):
+    WAITING_FOR_SLOT = "waiting_for_slot"  # our own request budget is making the job wait its turn
+    RATE_LIMITED = "rate_limited"  # Segmind answered 429; waiting for its reset time
+    QUEUED = "queued"
+    GENERATING = "generating"
+
+
+@dataclass(frozen=True)
+class Progress:
+    kind: ProgressKind
+    elapsed: float = 0.0
+    position: int | None = None
+    retry_at: float | None = None  # epoch seconds
+    request_id: str | None = None
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class GeneratedImages:
+    job: JobRecord
+    request: GenerationRequest  # with the concrete seed that was used
+    images: list[bytes]
+    inference_time: float | None
+
+
+class DownloadFailed(Exception):
+    """An output could not be fetched or decoded."""
+
+
+class JobError(Exception):
+    """Why a job ended without images. `billed` says whether the quota was charged."""
+
+    def __init__(self, cause: BaseException, *, job: JobRecord, billed: bool, retry_at: float | None = None):
+        super().__init__(str(cause))
+        self.cause = cause
+        self.job = job
+        self.billed = billed
+        self.retry_at = retry_at
+
+    @property
+    def request_id(self) -> str | None:
+        return self.job.segmind_request_id
+
+
+class JobService:
+    def __init__(
+        self,
+        client: SegmindClient,
+        store: Store,
+        quota: QuotaGuard,
+        session: aiohttp.ClientSession,
+        *,
+        credits_cooloff: float,
+        rate_limit_max_wait: float,
+        max_download_bytes: int = 40 * 1024 * 1024,
+        download_timeout: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.quota = quota
+        self._session = session
+        self.credits_cooloff = credits_cooloff
+        self.rate_limit_max_wait = rate_limit_max_wait
+        self.max_download_bytes = max_download_bytes
+        self._download_timeout = aiohttp.ClientTimeout(total=download_timeout)
+        self._clock = clock
+
+    async def credits_exhausted_until(self) -> float | None:
+        return await self.store.get_flag(CREDITS_FLAG, self._clock())
+
+    async def record(self, job: JobRecord, **changes: Any) -> JobRecord:
+        job = job.evolve(self._clock(), **changes)
+        await self.store.save_job(job)
+        return job
+
+    async def run(self, job: JobRecord, on_progress: ProgressCallback) -> GeneratedImages:
+        """Submits, waits and fetches. The quota is committed once Segmind has billed, refunded otherwise."""
+        request = GenerationRequest.from_payload(job.request).with_concrete_seed()
+        job = await self.record(job, request=request.to_payload(), state=StoredState.PENDING)
+        log.info("job %s: pending (user %d, %d image(s))", job.id, job.user_id, request.samples)
+        submitted = await self._submit(job, request, on_progress)
+        job = await self.record(job, segmind_request_id=submitted.request_id, state=StoredState.SUBMITTED)
+        log.info("job %s: submitted as %s", job.id, submitted.request_id)
+        return await self.follow(job, submitted, on_progress)
+
+    async def follow(
+        self, job: JobRecord, submitted: SubmittedJob, on_progress: ProgressCallback
+    ) -> GeneratedImages:
+        """Waits for a submitted job and fetches its images; never submits again."""
+        try:
+            result = await self._wait(submitted, on_progress)
+        except JobFailed as failed:
+            await self._fail(job, failed, billed=False)
+            raise JobError(failed, job=job, billed=False) from failed
+        except (SegmindError, aiohttp.ClientError, TimeoutError) as error:
+            # Segmind accepted the job, so it may well have run and been billed.
+            await self._fail(job, error, billed=True)
+            raise JobError(error, job=job, billed=True) from error
+        await self.quota.commit(job.reservation_id or "")
+        try:
+            images = await self.fetch_images(result)
+        except DownloadFailed as error:
+            await self._fail(job, error, billed=True)
+            raise JobError(error, job=job, billed=True) from error
+        job = await self.record(
+            job,
+            state=StoredState.COMPLETED,
+            result={
+                "outputs": list(result.outputs) if not result.is_base64 else [],
+                "metrics": dict(result.metrics),
+            },
+        )
+        log.info("job %s: completed (%s, %d image(s))", job.id, submitted.request_id, len(images))
+        return GeneratedImages(job, submitted.request, images, result.inference_time)
+
+    async def mark_delivered(self, job: JobRecord, *, message_id: int | None) -> JobRecord:
+        job = await self.record(job, state=StoredState.DELIVERED, message_id=message_id)
+        log.info("job %s: delivered (%s)", job.id, job.segmind_request_id)
+        return job
+
+    async def mark_undeliverable(self, job: JobRecord, reason: str) -> JobRecord:
+        job = await self.record(job, state=StoredState.FAILED, error=f"delivery failed: {reason}")
+        log.error(
+            "job %s: images generated (%s) but not delivered: %s", job.id, job.segmind_request_id, reason
+        )
+        return job
+
+    async def _submit(
+        self, job: JobRecord, request: GenerationRequest, on_progress: ProgressCallback
+    ) -> SubmittedJob:
+        def waiting_for_slot(position: int, _seconds: float) -> None:
+            on_progress(Progress(ProgressKind.WAITING_FOR_SLOT, position=position))
+
+        waited = 0.0
+        while True:
+            try:
+                return await self.client.submit(request, on_budget_wait=waiting_for_slot)
+            except RateLimited as limited:
+                # A 429 means the job was not accepted, so submitting again later cannot double-bill.
+                wait = limited.seconds_until_reset() or DEFAULT_RATE_LIMIT_WAIT
+                retry_at = self._clock() + wait
+                if waited + wait > self.rate_limit_max_wait:
+                    await self._fail(job, limited, billed=False)
+                    raise JobError(limited, job=job, billed=False, retry_at=retry_at) from limited
+                log.info("job %s: rate limited by Segmind; retrying in %.1f s", job.id, wait)
+                on_progress(Progress(ProgressKind.RATE_LIMITED, retry_at=retry_at))
+                await asyncio.sleep(wait)
+                waited += wait
+            except SegmindError as error:
+                if isinstance(error, InsufficientCredits):
+                    await self.store.set_flag(CREDITS_FLAG, self._clock() + self.credits_cooloff)
+                await self._fail(job, error, billed=False)
+                raise JobError(error, job=job, billed=False) from error
+
+    async def _wait(self, submitted: SubmittedJob, on_progress: ProgressCallback) -> JobResult:
+        async for event in self.client.wait(submitted):
+            if event.result is not None:
+                return event.result
+            kind = ProgressKind.QUEUED if event.state is JobState.QUEUED else ProgressKind.GENERATING
+            on_progress(Progress(kind, elapsed=event.elapsed, request_id=event.request_id))
+        raise SegmindError("the wait ended without a result", request_id=submitted.request_id)
+
+    async def _fail(self, job: JobRecord, error: BaseException, *, billed: bool) -> None:
+        if billed:
+            await self.quota.commit(job.reservation_id or "")
+        else:
+            await self.quota.refund(job.reservation_id or "")
+        await self.record(job, state=StoredState.FAILED, error=f"{type(error).__name__}: {error}"[:500])
+        log.info(
+            "job %s: failed (%s) %s; quota %s",
+            job.id,
+            job.segmind_request_id or "not submitted",
+            type(error).__name__,
+            "charged" if billed else "refunded",
+        )
+
+    async def fetch_images(self, result: JobResult) -> list[bytes]:
+        images = []
+        for index, output in enumerate(result.outputs):
+            try:
+                if result.is_base64:
+                    data = decode_base64_image(output, index)
+                else:
+                    data = await self._download(output, index)
+                await asyncio.to_thread(check_image, data, index)
+            except ImageDecodeError as error:
+                raise DownloadFailed(str(error)) from error
+            images.append(data)
+        return images
+
+    async def _download(self, url: str, index: int) -> bytes:
+        """Output files are plain GETs, so a dropped connection or a 5xx is simply tried again."""
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            try:
+                return await self._download_once(url, index)
+            except _RetryableDownload as error:
+                if attempt + 1 == DOWNLOAD_ATTEMPTS:
+                    raise DownloadFailed(f"image {index + 1}: {error}") from error
+                await asyncio.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _download_once(self, url: str, index: int) -> bytes:
+        try:
+            async with self._session.get(url, timeout=self._download_timeout) as response:
+                if response.status >= 500:
+                    raise _RetryableDownload(f"HTTP {response.status}")
+                if response.status != 200:
+                    raise DownloadFailed(f"image {index + 1}: HTTP {response.status}")
+                too_big = DownloadFailed(f"image {index + 1}: larger than {self.max_download_bytes} bytes")
+                if (response.content_length or 0) > self.max_download_bytes:
+                    raise too_big
+                data = bytearray()
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    data.extend(chunk)
+                    if len(data) > self.max_download_bytes:
+                        raise too_big
+                return bytes(data)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise _RetryableDownload(type(error).__name__) from error
+
+
+class _RetryableDownload(Exception):
+    pass

@@ -1,0 +1,261 @@
+"""The persistence interface: quotas, job records, job leases and timed flags.
+
+Every method takes the current time from the caller (``now``) instead of reading a clock, so the
+same rules hold for every backend and tests can drive time explicitly.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields, replace
+from enum import StrEnum
+from typing import Any, Literal, Protocol
+
+
+class JobState(StrEnum):
+    PENDING = "pending"  # recorded, quota reserved, not yet submitted to Segmind
+    SUBMITTED = "submitted"  # Segmind accepted it; segmind_request_id known; being polled
+    COMPLETED = "completed"  # images obtained; delivery to Discord pending
+    DELIVERED = "delivered"  # terminal
+    FAILED = "failed"  # terminal
+
+
+UNFINISHED: frozenset[JobState] = frozenset({JobState.PENDING, JobState.SUBMITTED, JobState.COMPLETED})
+FINISHED: frozenset[JobState] = frozenset(JobState) - UNFINISHED
+
+JOB_ID_BYTES = 9  # 9 random bytes -> 12 url-safe characters, short enough for button custom_ids
+
+
+def new_job_id() -> str:
+    return secrets.token_urlsafe(JOB_ID_BYTES)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    user_id: int
+    guild_id: int | None
+    channel_id: int | None
+    request: dict[str, Any]
+    reservation_id: str | None
+    state: JobState
+    created_at: float
+    updated_at: float
+    interaction_id: int | None = None
+    interaction_token: str | None = None
+    interaction_created_at: float | None = None
+    message_id: int | None = None
+    application_id: int | None = None
+    segmind_request_id: str | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    origin: str = "command"  # "command", "reroll", "same_seed"
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    def evolve(self, now: float, **changes: Any) -> JobRecord:
+        """A copy with ``changes`` applied and ``updated_at`` bumped to ``now``."""
+        return replace(self, updated_at=now, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobRecord:
+        # Unknown keys are dropped so records written by a newer version still load after a rollback.
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        values["state"] = JobState(values["state"])
+        return cls(**values)
+
+
+# A limit no real usage reaches; well inside the range Lua's doubles represent exactly.
+UNLIMITED = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class QuotaLimits:
+    daily_images: int
+    max_concurrent: int
+    window_seconds: float = 86400.0
+
+    def __post_init__(self) -> None:
+        if self.daily_images < 0:
+            raise ValueError(f"daily_images must be >= 0, got {self.daily_images}")
+        if self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
+        if self.window_seconds <= 0:
+            raise ValueError(f"window_seconds must be > 0, got {self.window_seconds}")
+
+    @classmethod
+    def unlimited(cls, window_seconds: float = 86400.0) -> QuotaLimits:
+        """Limits no real usage reaches: reservations are still recorded so usage stays visible."""
+        return cls(daily_images=UNLIMITED, max_concurrent=UNLIMITED, window_seconds=window_seconds)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    id: str
+    user_id: int
+    images: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class QuotaRefusal:
+    reason: Literal["daily", "concurrent"]
+    remaining_images: int  # images left in the rolling window right now
+    in_flight: int  # reservations of this user still reserved (neither committed nor refunded)
+    # When enough images leave the window for this request to fit ("daily"). None for "concurrent",
+    # and None for "daily" when the request is larger than the daily limit itself (see exceeds_daily_limit).
+    resets_at: float | None
+    requested_images: int = 0
+    daily_limit: int = 0
+    max_concurrent: int = 0
+
+    @property
+    def exceeds_daily_limit(self) -> bool:
+        """True when waiting will never help: the request alone is larger than the daily limit."""
+        return self.reason == "daily" and self.requested_images > self.daily_limit
+
+
+@dataclass(frozen=True)
+class QuotaUsage:
+    used_images: int
+    remaining_images: int
+    in_flight: int
+    daily_limit: int
+    max_concurrent: int
+    resets_at: float | None  # when the oldest counted usage leaves the window (None if nothing counted)
+
+
+class Store(Protocol):
+    async def close(self) -> None: ...
+
+    # Quota. Usage counts reservations that are reserved or committed and were created within the
+    # window; in_flight counts those still reserved.
+    async def reserve(
+        self, user_id: int, images: int, limits: QuotaLimits, now: float
+    ) -> Reservation | QuotaRefusal: ...
+
+    async def commit(self, reservation_id: str) -> None: ...
+
+    async def refund(self, reservation_id: str) -> None: ...
+
+    async def usage(self, user_id: int, limits: QuotaLimits, now: float) -> QuotaUsage: ...
+
+    # Jobs.
+    async def save_job(self, job: JobRecord) -> None: ...
+
+    async def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    async def unfinished_jobs(self, created_after: float) -> list[JobRecord]: ...
+
+    async def recent_jobs(self, user_id: int, limit: int = 10) -> list[JobRecord]: ...
+
+    # Leases: one owner at a time; an expired lease can be taken over.
+    async def acquire_lease(self, job_id: str, owner: str, ttl: float, now: float) -> bool: ...
+
+    async def release_lease(self, job_id: str, owner: str) -> None: ...
+
+    # Timed flags.
+    async def set_flag(self, name: str, until: float) -> None: ...
+
+    async def get_flag(self, name: str, now: float) -> float | None: ...
+
+    async def clear_flag(self, name: str) -> None: ...
+
+
+# --- Quota rules shared by the backends (the Redis Lua script mirrors them) ---
+
+RESERVED = "reserved"
+COMMITTED = "committed"
+REFUNDED = "refunded"
+COUNTED_STATES = (RESERVED, COMMITTED)
+
+
+@dataclass(frozen=True)
+class QuotaEntry:
+    created_at: float
+    images: int
+    state: str
+
+
+def new_reservation_id(user_id: int) -> str:
+    # The user id is part of the id so commit/refund can find the user's keys from the id alone.
+    return f"{user_id}.{secrets.token_urlsafe(12)}"
+
+
+def reservation_user(reservation_id: str) -> int | None:
+    user, sep, token = reservation_id.partition(".")
+    if not sep or not token:
+        return None
+    try:
+        return int(user)
+    except ValueError:
+        return None
+
+
+def check_images(images: int) -> None:
+    if images < 1:
+        raise ValueError(f"a reservation needs at least 1 image, got {images}")
+
+
+def _counted(entries: Iterable[QuotaEntry], limits: QuotaLimits, now: float) -> list[QuotaEntry]:
+    cutoff = now - limits.window_seconds
+    kept = [e for e in entries if e.state in COUNTED_STATES and e.created_at > cutoff]
+    return sorted(kept, key=lambda e: e.created_at)
+
+
+def summarize(entries: Iterable[QuotaEntry], limits: QuotaLimits, now: float) -> QuotaUsage:
+    counted = _counted(entries, limits, now)
+    used = sum(e.images for e in counted)
+    return QuotaUsage(
+        used_images=used,
+        remaining_images=max(0, limits.daily_images - used),
+        in_flight=sum(1 for e in counted if e.state == RESERVED),
+        daily_limit=limits.daily_images,
+        max_concurrent=limits.max_concurrent,
+        resets_at=counted[0].created_at + limits.window_seconds if counted else None,
+    )
+
+
+def evaluate(
+    entries: Iterable[QuotaEntry], images: int, limits: QuotaLimits, now: float
+) -> QuotaRefusal | None:
+    """The refusal for a request of ``images`` given the user's entries, or None if it fits.
+
+    The daily limit is checked first: a "concurrent" refusal tells the user to retry shortly, which
+    would mislead if the daily limit would refuse them anyway.
+    """
+    counted = _counted(entries, limits, now)
+    used = sum(e.images for e in counted)
+    in_flight = sum(1 for e in counted if e.state == RESERVED)
+    refusal = {
+        "remaining_images": max(0, limits.daily_images - used),
+        "in_flight": in_flight,
+        "requested_images": images,
+        "daily_limit": limits.daily_images,
+        "max_concurrent": limits.max_concurrent,
+    }
+    if used + images > limits.daily_images:
+        return QuotaRefusal(reason="daily", resets_at=_fits_at(counted, used, images, limits), **refusal)
+    if in_flight >= limits.max_concurrent:
+        return QuotaRefusal(reason="concurrent", resets_at=None, **refusal)
+    return None
+
+
+def _fits_at(counted: list[QuotaEntry], used: int, images: int, limits: QuotaLimits) -> float | None:
+    if images > limits.daily_images:
+        return None
+    freed = 0
+    for entry in counted:
+        freed += entry.images
+        if used - freed + images <= limits.daily_images:
+            return entry.created_at + limits.window_seconds
+    return None

@@ -1,0 +1,339 @@
+"""Redis store: several bot processes share one Redis; every read-check-write step is a Lua script.
+
+Key layout (all under the configurable prefix):
+
+- ``quota:<user>:times``  sorted set: reservation id -> created_at
+- ``quota:<user>:res``    hash: reservation id -> "<images>:<state>"
+- ``job:<id>``            JSON of a JobRecord; finished jobs expire after the retention period
+- ``jobs:unfinished``     sorted set: job id -> created_at, for jobs still in an unfinished state
+- ``user:<user>:jobs``    sorted set: job id -> created_at, the user's most recent jobs
+- ``lease:<job id>``      hash: owner, expires_at
+- ``flag:<name>``         until (epoch seconds)
+
+Scripts declare every key they touch in KEYS (reservation ids embed the user id for that reason).
+Times are caller-supplied epoch floats; redis-py sends floats as repr() and Redis returns scores
+with full precision, so comparisons match the SQLite store exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from services.store.base import (
+    UNFINISHED,
+    JobRecord,
+    QuotaEntry,
+    QuotaLimits,
+    QuotaRefusal,
+    QuotaUsage,
+    Reservation,
+    check_images,
+    new_reservation_id,
+    reservation_user,
+    summarize,
+)
+
+DEFAULT_PREFIX = "dreamshaper:"
+DEFAULT_JOB_RETENTION = 7 * 86400
+RECENT_JOBS_KEPT = 100
+# Keys that only exist for bookkeeping outlive the data they describe by this much.
+GC_MARGIN = 3600
+
+# KEYS: times, records. ARGV: images, daily, max_concurrent, window, now, new_id, key_ttl.
+# Mirrors base.evaluate(); returns {"ok"} or {reason, used, in_flight, resets_score or ""}.
+RESERVE_LUA = """
+local times, records = KEYS[1], KEYS[2]
+local images = tonumber(ARGV[1])
+local daily = tonumber(ARGV[2])
+local max_concurrent = tonumber(ARGV[3])
+local window = tonumber(ARGV[4])
+local now = tonumber(ARGV[5])
+local cutoff = now - window
+
+local entries = redis.call('ZRANGE', times, 0, -1, 'WITHSCORES')
+local scores, counts = {}, {}
+local used, in_flight = 0, 0
+for i = 1, #entries, 2 do
+  local id, score = entries[i], entries[i + 1]
+  local record = redis.call('HGET', records, id)
+  if (not record) or tonumber(score) <= cutoff then
+    redis.call('ZREM', times, id)
+    redis.call('HDEL', records, id)
+  else
+    local sep = string.find(record, ':', 1, true)
+    local n = tonumber(string.sub(record, 1, sep - 1))
+    local state = string.sub(record, sep + 1)
+    if state == 'reserved' or state == 'committed' then
+      used = used + n
+      if state == 'reserved' then in_flight = in_flight + 1 end
+      scores[#scores + 1] = score
+      counts[#counts + 1] = n
+    end
+  end
+end
+
+if used + images > daily then
+  local resets = ''
+  if images <= daily then
+    local freed = 0
+    for i = 1, #counts do
+      freed = freed + counts[i]
+      if used - freed + images <= daily then
+        resets = scores[i]
+        break
+      end
+    end
+  end
+  return {'daily', used, in_flight, resets}
+end
+if in_flight >= max_concurrent then
+  return {'concurrent', used, in_flight, ''}
+end
+
+redis.call('ZADD', times, ARGV[5], ARGV[6])
+redis.call('HSET', records, ARGV[6], ARGV[1] .. ':reserved')
+redis.call('EXPIRE', times, ARGV[7])
+redis.call('EXPIRE', records, ARGV[7])
+return {'ok'}
+"""
+
+# KEYS: times, records. ARGV: reservation id, "commit" or "refund".
+SETTLE_LUA = """
+local record = redis.call('HGET', KEYS[2], ARGV[1])
+if not record then return 0 end
+local sep = string.find(record, ':', 1, true)
+if string.sub(record, sep + 1) ~= 'reserved' then return 0 end
+if ARGV[2] == 'commit' then
+  redis.call('HSET', KEYS[2], ARGV[1], string.sub(record, 1, sep) .. 'committed')
+else
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: lease. ARGV: owner, now, expires_at, key_ttl.
+ACQUIRE_LEASE_LUA = """
+local current = redis.call('HMGET', KEYS[1], 'owner', 'expires_at')
+if current[1] and current[1] ~= ARGV[1] and tonumber(current[2]) > tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'expires_at', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# KEYS: lease. ARGV: owner.
+RELEASE_LEASE_LUA = """
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisStore:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        job_retention: int = DEFAULT_JOB_RETENTION,
+    ) -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._job_retention = job_retention
+        self._reserve_script = client.register_script(RESERVE_LUA)
+        self._settle_script = client.register_script(SETTLE_LUA)
+        self._acquire_script = client.register_script(ACQUIRE_LEASE_LUA)
+        self._release_script = client.register_script(RELEASE_LEASE_LUA)
+
+    @classmethod
+    async def open(
+        cls, url: str, *, prefix: str = DEFAULT_PREFIX, job_retention: int = DEFAULT_JOB_RETENTION
+    ) -> RedisStore:
+        client = aioredis.from_url(url, decode_responses=True)
+        try:
+            # Fail at startup, not at the first user command, when Redis is unreachable.
+            await client.ping()
+        except BaseException:
+            await client.aclose()
+            raise
+        return cls(client, prefix=prefix, job_retention=job_retention)
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    def _quota_keys(self, user_id: int) -> list[str]:
+        base = f"{self._prefix}quota:{user_id}"
+        return [f"{base}:times", f"{base}:res"]
+
+    # --- quota ---
+
+    async def reserve(
+        self, user_id: int, images: int, limits: QuotaLimits, now: float
+    ) -> Reservation | QuotaRefusal:
+        check_images(images)
+        reservation = Reservation(new_reservation_id(user_id), user_id, images, now)
+        key_ttl = math.ceil(limits.window_seconds) + GC_MARGIN
+        reply = await self._reserve_script(
+            keys=self._quota_keys(user_id),
+            args=[
+                images,
+                limits.daily_images,
+                limits.max_concurrent,
+                float(limits.window_seconds),
+                float(now),
+                reservation.id,
+                key_ttl,
+            ],
+        )
+        if reply[0] == "ok":
+            return reservation
+        reason, used, in_flight, resets_score = reply
+        return QuotaRefusal(
+            reason=reason,
+            remaining_images=max(0, limits.daily_images - int(used)),
+            in_flight=int(in_flight),
+            resets_at=float(resets_score) + limits.window_seconds if resets_score else None,
+            requested_images=images,
+            daily_limit=limits.daily_images,
+            max_concurrent=limits.max_concurrent,
+        )
+
+    async def commit(self, reservation_id: str) -> None:
+        await self._settle(reservation_id, "commit")
+
+    async def refund(self, reservation_id: str) -> None:
+        await self._settle(reservation_id, "refund")
+
+    async def _settle(self, reservation_id: str, action: str) -> None:
+        user_id = reservation_user(reservation_id)
+        if user_id is None:
+            return  # not an id this store issued, so there is nothing to settle
+        await self._settle_script(keys=self._quota_keys(user_id), args=[reservation_id, action])
+
+    async def usage(self, user_id: int, limits: QuotaLimits, now: float) -> QuotaUsage:
+        times_key, records_key = self._quota_keys(user_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrange(times_key, 0, -1, withscores=True)
+            pipe.hgetall(records_key)
+            times, records = await pipe.execute()
+        entries = []
+        for reservation_id, created_at in times:
+            record = records.get(reservation_id)
+            if record is None:
+                continue
+            images, _, state = record.partition(":")
+            entries.append(QuotaEntry(created_at=float(created_at), images=int(images), state=state))
+        return summarize(entries, limits, now)
+
+    # --- jobs ---
+
+    def _job_key(self, job_id: str) -> str:
+        return f"{self._prefix}job:{job_id}"
+
+    def _user_jobs_key(self, user_id: int) -> str:
+        return f"{self._prefix}user:{user_id}:jobs"
+
+    @property
+    def _unfinished_key(self) -> str:
+        return f"{self._prefix}jobs:unfinished"
+
+    async def save_job(self, job: JobRecord) -> None:
+        data = json.dumps(job.to_dict(), separators=(",", ":"))
+        user_jobs = self._user_jobs_key(job.user_id)
+        # One transaction so the record and its indexes never disagree.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if job.state in UNFINISHED:
+                # Unfinished jobs never expire: they must stay until resumed or failed.
+                pipe.set(self._job_key(job.id), data)
+                pipe.zadd(self._unfinished_key, {job.id: job.created_at})
+            else:
+                pipe.set(self._job_key(job.id), data, ex=self._job_retention)
+                pipe.zrem(self._unfinished_key, job.id)
+            pipe.zadd(user_jobs, {job.id: job.created_at})
+            pipe.zremrangebyrank(user_jobs, 0, -(RECENT_JOBS_KEPT + 1))
+            pipe.expire(user_jobs, self._job_retention + GC_MARGIN)
+            await pipe.execute()
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        data = await self._redis.get(self._job_key(job_id))
+        return None if data is None else _load_job(data)
+
+    async def unfinished_jobs(self, created_after: float) -> list[JobRecord]:
+        ids = await self._redis.zrangebyscore(self._unfinished_key, f"({float(created_after)!r}", "+inf")
+        jobs = await self._load_jobs(ids)
+        # The index and the records are written together, but a record is the authority on its state.
+        found = [job for job in jobs if job is not None and job.state in UNFINISHED]
+        return sorted(found, key=lambda job: (job.created_at, job.id))
+
+    async def recent_jobs(self, user_id: int, limit: int = 10) -> list[JobRecord]:
+        if limit <= 0:
+            return []
+        key = self._user_jobs_key(user_id)
+        found: list[JobRecord] = []
+        start = 0
+        # Finished records expire on their own, so the index can hold ids whose record is gone.
+        while len(found) < limit:
+            ids = await self._redis.zrevrange(key, start, start + limit - 1)
+            if not ids:
+                break
+            jobs = await self._load_jobs(ids)
+            stale = [job_id for job_id, job in zip(ids, jobs, strict=True) if job is None]
+            if stale:
+                await self._redis.zrem(key, *stale)
+            found.extend(job for job in jobs if job is not None)
+            start += len(ids) - len(stale)
+        return found[:limit]
+
+    async def _load_jobs(self, ids: list[str]) -> list[JobRecord | None]:
+        if not ids:
+            return []
+        values = await self._redis.mget([self._job_key(job_id) for job_id in ids])
+        return [None if value is None else _load_job(value) for value in values]
+
+    # --- leases ---
+
+    def _lease_key(self, job_id: str) -> str:
+        return f"{self._prefix}lease:{job_id}"
+
+    async def acquire_lease(self, job_id: str, owner: str, ttl: float, now: float) -> bool:
+        acquired = await self._acquire_script(
+            keys=[self._lease_key(job_id)],
+            args=[owner, float(now), float(now + ttl), math.ceil(ttl) + GC_MARGIN],
+        )
+        return bool(acquired)
+
+    async def release_lease(self, job_id: str, owner: str) -> None:
+        await self._release_script(keys=[self._lease_key(job_id)], args=[owner])
+
+    # --- flags ---
+
+    def _flag_key(self, name: str) -> str:
+        return f"{self._prefix}flag:{name}"
+
+    async def set_flag(self, name: str, until: float) -> None:
+        await self._redis.set(self._flag_key(name), repr(float(until)))
+
+    async def get_flag(self, name: str, now: float) -> float | None:
+        value = await self._redis.get(self._flag_key(name))
+        if value is None or float(value) <= now:
+            return None
+        return float(value)
+
+    async def clear_flag(self, name: str) -> None:
+        await self._redis.delete(self._flag_key(name))
+
+
+def _load_job(data: str) -> JobRecord:
+    loaded: dict[str, Any] = json.loads(data)
+    return JobRecord.from_dict(loaded)

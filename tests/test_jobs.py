@@ -1,0 +1,169 @@
+"""The job service with the real client, the local Segmind server and a SQLite store: quota settlement."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from devtools.segmind_server import SegmindServer, SegmindServerSettings
+from services.jobs import DownloadFailed, JobError, JobService, Progress, ProgressKind
+from services.quota import QuotaGuard
+from services.request import GenerationRequest
+from services.segmind import (
+    DurationModel,
+    InsufficientCredits,
+    JobFailed,
+    RateLimited,
+    RequestBudget,
+    RetryPolicy,
+    SegmindClient,
+)
+from services.store import Store, open_store
+from services.store.base import JobRecord, JobState, QuotaLimits, Reservation, new_job_id
+
+USER = 4242
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[SegmindServer]:
+    server = SegmindServer(
+        SegmindServerSettings(
+            queue_seconds=0.2, seconds_per_step=0.01, blocked_words=frozenset({"forbidden"})
+        )
+    )
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = await open_store(f"sqlite:///{tmp_path}/jobs.sqlite3")
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def service(server: SegmindServer, store: Store) -> AsyncIterator[JobService]:
+    async with aiohttp.ClientSession() as session:
+        client = SegmindClient(
+            session,
+            api_key="k",
+            base_url=server.base_url,
+            budget=RequestBudget(600),
+            retry=RetryPolicy(base_delay=0.05, max_delay=0.1),
+            durations=DurationModel(seconds_per_unit=0.01, queue_seconds=0.2),
+        )
+        quota = QuotaGuard(store, QuotaLimits(daily_images=10, max_concurrent=5), frozenset())
+        yield JobService(client, store, quota, session, credits_cooloff=60, rate_limit_max_wait=2.0)
+
+
+async def new_job(service: JobService, request: GenerationRequest) -> JobRecord:
+    reservation = await service.quota.reserve(USER, request.samples)
+    assert isinstance(reservation, Reservation)
+    now = time.time()
+    return JobRecord(
+        id=new_job_id(),
+        user_id=USER,
+        guild_id=1,
+        channel_id=2,
+        request=request.to_payload(),
+        reservation_id=reservation.id,
+        state=JobState.PENDING,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+async def test_a_finished_job_charges_its_images_and_is_recorded(service: JobService, store: Store) -> None:
+    seen: list[Progress] = []
+    job = await new_job(
+        service, GenerationRequest(prompt="two owls", samples=2, img_width=512, img_height=512)
+    )
+    generated = await service.run(job, seen.append)
+
+    assert len(generated.images) == 2
+    assert generated.request.seed >= 0
+    assert {p.kind for p in seen} <= {ProgressKind.QUEUED, ProgressKind.GENERATING}
+    usage = await service.quota.usage(USER)
+    assert (usage.used_images, usage.in_flight) == (2, 0)
+    stored = await store.get_job(job.id)
+    assert stored is not None and stored.state is JobState.COMPLETED
+    assert stored.segmind_request_id == generated.job.segmind_request_id
+    assert stored.request["seed"] == generated.request.seed
+    await service.mark_delivered(generated.job, message_id=99)
+    delivered = await store.get_job(job.id)
+    assert delivered is not None and delivered.state is JobState.DELIVERED and delivered.message_id == 99
+
+
+async def test_a_content_block_refunds_and_says_so(service: JobService, store: Store) -> None:
+    job = await new_job(service, GenerationRequest(prompt="something forbidden", samples=3))
+    with pytest.raises(JobError) as caught:
+        await service.run(job, lambda _p: None)
+    assert isinstance(caught.value.cause, JobFailed) and caught.value.cause.is_content_block
+    assert caught.value.billed is False and caught.value.request_id
+    usage = await service.quota.usage(USER)
+    assert (usage.used_images, usage.in_flight) == (0, 0)
+    stored = await store.get_job(job.id)
+    assert stored is not None and stored.state is JobState.FAILED
+
+
+async def test_out_of_credits_refunds_and_starts_the_cool_off(
+    service: JobService, server: SegmindServer
+) -> None:
+    server.inject("insufficient_credits", target="submit")
+    job = await new_job(service, GenerationRequest(prompt="x"))
+    with pytest.raises(JobError) as caught:
+        await service.run(job, lambda _p: None)
+    assert isinstance(caught.value.cause, InsufficientCredits)
+    assert (await service.quota.usage(USER)).used_images == 0
+    until = await service.credits_exhausted_until()
+    assert until is not None and until > time.time() + 50
+
+
+async def test_rate_limit_waits_for_the_reset_then_submits_once(
+    service: JobService, server: SegmindServer
+) -> None:
+    server.inject("rate_limit", target="submit", reset_after=1.0)
+    seen: list[Progress] = []
+    job = await new_job(service, GenerationRequest(prompt="x"))
+    await service.run(job, seen.append)
+    assert seen[0].kind is ProgressKind.RATE_LIMITED and seen[0].retry_at is not None
+    assert len(server.stats.submits) == 1
+
+
+async def test_rate_limit_past_the_bound_refunds_with_a_retry_time(
+    service: JobService, server: SegmindServer
+) -> None:
+    server.inject("rate_limit", target="submit", reset_after=30.0)
+    job = await new_job(service, GenerationRequest(prompt="x", samples=2))
+    with pytest.raises(JobError) as caught:
+        await service.run(job, lambda _p: None)
+    assert isinstance(caught.value.cause, RateLimited)
+    assert caught.value.retry_at is not None and caught.value.retry_at > time.time() + 20
+    assert (await service.quota.usage(USER)).used_images == 0
+    assert server.stats.submits == []
+
+
+async def test_a_download_that_keeps_failing_is_reported_with_the_request_id(
+    service: JobService, server: SegmindServer
+) -> None:
+    server.inject("server_error", count=10, target="output", status=503)
+    job = await new_job(service, GenerationRequest(prompt="x"))
+    with pytest.raises(JobError) as caught:
+        await service.run(job, lambda _p: None)
+    assert isinstance(caught.value.cause, DownloadFailed)
+    assert caught.value.billed is True and caught.value.request_id
+    # Segmind ran the job, so its image counts even though it never arrived.
+    assert (await service.quota.usage(USER)).used_images == 1
+
+
+async def test_a_passing_download_failure_is_retried(service: JobService, server: SegmindServer) -> None:
+    server.inject("server_error", count=1, target="output", status=502)
+    job = await new_job(service, GenerationRequest(prompt="x"))
+    generated = await service.run(job, lambda _p: None)
+    assert len(generated.images) == 1
