@@ -270,7 +270,7 @@ class Imagine(commands.Cog):
         request, job = generated.request, generated.job
         prepared = await prepare_for_upload(
             generated.images,
-            limit_bytes=interaction.attachment_size_limit,
+            limit_bytes=interaction.filesize_limit,
             stem=f"dreamshaper_{request.seed}",
         )
         embed = render.result_embed(

@@ -144,7 +144,7 @@ def validation_reply(error: RequestValidationError) -> str:
 def quota_refusal_reply(refusal: QuotaRefusal, requested: int) -> str:
     if refusal.reason == "concurrent":
         return (
-            f"⏳ You already have {refusal.in_flight} generation(s) running; wait for one to finish. "
+            f"🕒 You already have {refusal.in_flight} generation(s) running; wait for one to finish. "
             f"You have {refusal.remaining_images} image(s) left today."
         )
     when = f" More become available {relative_time(refusal.resets_at)}." if refusal.resets_at else ""
@@ -193,7 +193,7 @@ def job_failure_reply(error: JobError) -> FailureReply:
         return FailureReply(credits_exhausted_reply())
     if isinstance(cause, RateLimited):
         when = relative_time(error.retry_at) if error.retry_at else "in a few minutes"
-        return FailureReply(f"⏳ Segmind is rate limiting the bot. Please try again {when}.{charged}")
+        return FailureReply(f"🕒 Segmind is rate limiting the bot. Please try again {when}.{charged}")
     if isinstance(cause, JobFailed) and cause.is_content_block:
         return FailureReply("🚫 This prompt was blocked by the content filter. No image was made." + charged)
     if isinstance(cause, JobFailed):

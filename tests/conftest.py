@@ -1,0 +1,137 @@
+"""Shared fixtures: the real bot, started in-process against the local Discord and Segmind stand-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bot import DreamshaperBot, point_discord_py_at
+from devtools.discord_server import DiscordStandIn, InteractionHandle, StoredMessage
+from devtools.segmind_server import SegmindServer, SegmindServerSettings
+from services.config import Config
+
+SEGMIND_KEY = "sg_e2e_secret_key_93b1"
+BOT_TOKEN = "bot.e2e.secret-token-77"
+BLOCKED_WORD = "forbidden"
+
+
+@dataclass
+class BotStack:
+    discord: DiscordStandIn
+    segmind: SegmindServer
+    bot: DreamshaperBot
+    config: Config
+
+    async def imagine(self, timeout: float = 20, **options: object) -> InteractionHandle:
+        """Sends /imagine and waits until the bot's answer is final (result, error or refusal)."""
+        handle = await self.discord.send_slash_command("imagine", options, **self._user(options))
+        await self.settled(handle, timeout)
+        return handle
+
+    async def press(
+        self, message: StoredMessage, action: str, timeout: float = 20, **user: object
+    ) -> InteractionHandle:
+        button = next(
+            c["custom_id"]
+            for row in message.components
+            for c in row["components"]
+            if c["custom_id"].startswith(f"ds:{action}:")
+        )
+        handle = await self.discord.press_button(message, button, **user)  # type: ignore[arg-type]
+        await self.settled(handle, timeout)
+        return handle
+
+    async def settled(self, handle: InteractionHandle, timeout: float = 20) -> None:
+        """Waits until the interaction's answer is final: a reply, a result, an error, or a deletion."""
+
+        def done() -> bool:
+            callback = handle.callback
+            if callback is None:
+                return False
+            if callback.type == 4:
+                return True
+            original = handle.original
+            if callback.type == 6:
+                return original is not None and original.deleted
+            return original is not None and not original.loading and is_final(original)
+
+        await self.discord.wait_for(done, timeout)
+
+    @staticmethod
+    def _user(options: dict[str, object]) -> dict[str, object]:
+        return {
+            key: options.pop(key) for key in ("user_id", "roles", "permissions", "username") if key in options
+        }
+
+
+def is_final(message: StoredMessage) -> bool:
+    """A message that is a result (attachments) or an error, not a progress line."""
+    if message.attachments:
+        return True
+    return bool(message.content) and not message.content.startswith(("⏳", "📨", "🎨"))
+
+
+StackFactory = Callable[..., Awaitable[BotStack]]
+
+
+@pytest.fixture
+async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
+    started: list[tuple[BotStack, asyncio.Task[None]]] = []
+
+    async def make(
+        segmind_settings: SegmindServerSettings | None = None,
+        discord_options: dict[str, object] | None = None,
+        **env: str,
+    ) -> BotStack:
+        segmind = SegmindServer(
+            segmind_settings
+            or SegmindServerSettings(
+                api_keys=frozenset({SEGMIND_KEY}),
+                queue_seconds=0.3,
+                seconds_per_step=0.02,
+                blocked_words=frozenset({BLOCKED_WORD}),
+            )
+        )
+        await segmind.start()
+        discord = DiscordStandIn(bot_token=BOT_TOKEN, **(discord_options or {}))  # type: ignore[arg-type]
+        await discord.start()
+        config = Config.from_env(
+            {
+                "DISCORD_TOKEN": BOT_TOKEN,
+                "SEGMIND_API_KEY": SEGMIND_KEY,
+                "SEGMIND_BASE_URL": segmind.base_url,
+                "SEGMIND_REQUESTS_PER_MINUTE": "600",
+                "DATABASE_URL": f"sqlite:///{tmp_path}/bot-{len(started)}.sqlite3",
+                "DISCORD_GUILD_IDS": str(discord.guild_id),
+                "DISCORD_API_BASE": discord.api_base,
+                "DISCORD_GATEWAY_URL": discord.gateway_url,
+                "QUOTA_DAILY_IMAGES": "20",
+                "QUOTA_MAX_CONCURRENT": "3",
+                # The stand-in's guild has one text channel; moderators read the same one here.
+                "MOD_LOG_CHANNEL_ID": str(discord.channel_id),
+                **env,
+            }
+        )
+        point_discord_py_at(config.discord_api_base, config.discord_gateway_url)
+        bot = DreamshaperBot(config)
+        task = asyncio.create_task(bot.start(config.discord_token))
+        stack = BotStack(discord, segmind, bot, config)
+        started.append((stack, task))
+        await discord.wait_until_ready(timeout=15)
+        await discord.wait_for(lambda: bool(discord.synced_commands.get(discord.guild_id)), timeout=15)
+        return stack
+
+    yield make
+
+    for stack, task in reversed(started):
+        await stack.bot.close()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, timeout=10)
+        await stack.discord.stop()
+        await stack.segmind.stop()
+        assert not stack.discord.internal_errors, stack.discord.internal_errors
