@@ -406,6 +406,13 @@ class DiscordStandIn:
         guild = self.world.add_guild(guild_id, channel_id, name)
         self.gateway.dispatch_event(guild_id, "GUILD_CREATE", self.world.guild_payload(guild), 1)
 
+    def add_role(self, role_id: int, name: str, guild_id: int | None = None) -> None:
+        """Creates a role in a guild, telling connected clients as Discord does (GUILD_ROLE_CREATE)."""
+        guild = self.world.guilds[guild_id or self.guild_id]
+        guild.roles[role_id] = name
+        role = next(r for r in self.world.guild_roles(guild) if r["id"] == str(role_id))
+        self.gateway.dispatch_event(guild.id, "GUILD_ROLE_CREATE", {"guild_id": str(guild.id), "role": role}, 1)
+
     def dm_channel(self, user_id: int = DEFAULT_USER_ID) -> int:
         """The id of the DM channel between the bot and a user (created on first use)."""
         return self.world.dm_channel_for(user_id).id

@@ -87,6 +87,8 @@ class Guild:
     joined_at: dt.datetime = field(default_factory=utcnow)
     # user id -> member payload (with user), the bot's member included
     members: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # role id -> name, for roles beyond @everyone and the bot's own
+    roles: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -203,6 +205,10 @@ class DiscordWorld:
             role_payload(guild.id, "@everyone", DEFAULT_MEMBER_PERMISSIONS, 0),
             role_payload(
                 guild.bot_role_id, self.bot_username, BOT_ROLE_PERMISSIONS, 1, bot_id=self.bot_user_id
+            ),
+            *(
+                role_payload(role_id, name, DEFAULT_MEMBER_PERMISSIONS, 2 + position)
+                for position, (role_id, name) in enumerate(guild.roles.items())
             ),
         ]
 

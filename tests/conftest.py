@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,3 +136,12 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
         await stack.discord.stop()
         await stack.segmind.stop()
         assert not stack.discord.internal_errors, stack.discord.internal_errors
+        assert_nothing_leaked(stack)
+
+
+def assert_nothing_leaked(stack: BotStack) -> None:
+    """Whatever a test did, Discord never received a traceback, the Segmind key or the bot token."""
+    for request in stack.discord.requests:
+        sent = json.dumps(request.json or {}, ensure_ascii=False)
+        for secret in ("Traceback", 'File "', SEGMIND_KEY, BOT_TOKEN):
+            assert secret not in sent, f"{secret!r} sent to Discord in {request!r}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -167,3 +168,24 @@ async def test_a_passing_download_failure_is_retried(service: JobService, server
     job = await new_job(service, GenerationRequest(prompt="x"))
     generated = await service.run(job, lambda _p: None)
     assert len(generated.images) == 1
+
+
+async def test_jobs_waiting_for_the_request_budget_are_told_their_place(
+    server: SegmindServer, store: Store
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        client = SegmindClient(
+            session,
+            api_key="k",
+            base_url=server.base_url,
+            budget=RequestBudget(per_minute=1, window=0.4),
+            durations=DurationModel(seconds_per_unit=0.01, queue_seconds=0.2),
+        )
+        quota = QuotaGuard(store, QuotaLimits(daily_images=10, max_concurrent=5), frozenset())
+        service = JobService(client, store, quota, session, credits_cooloff=60, rate_limit_max_wait=2.0)
+        seen: list[list[Progress]] = [[], [], []]
+        jobs = [await new_job(service, GenerationRequest(prompt=f"job {n}")) for n in range(3)]
+        await asyncio.gather(*(service.run(job, seen[n].append) for n, job in enumerate(jobs)))
+    positions = [p.position for progress in seen for p in progress if p.kind is ProgressKind.WAITING_FOR_SLOT]
+    assert 2 in positions
+    assert len(server.stats.submits) == 3
