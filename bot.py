@@ -23,7 +23,7 @@ from services.store.base import QuotaLimits
 
 log = logging.getLogger("dreamshaper")
 
-EXTENSIONS: tuple[str, ...] = ("cogs.imagine",)
+EXTENSIONS: tuple[str, ...] = ("cogs.delivery", "cogs.imagine")
 
 
 def point_discord_py_at(api_base: str | None, gateway_url: str | None) -> None:

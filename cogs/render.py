@@ -22,7 +22,7 @@ from services.segmind import (
     RateLimited,
     Unauthorized,
 )
-from services.store.base import QuotaRefusal, QuotaUsage
+from services.store.base import JobRecord, JobState, QuotaRefusal, QuotaUsage
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,34 @@ def quota_usage_embed(usage: QuotaUsage, *, exempt: bool) -> discord.Embed:
     embed.add_field(name="Running now", value=f"{usage.in_flight} / {usage.max_concurrent}")
     if usage.resets_at:
         embed.add_field(name="Next image frees up", value=relative_time(usage.resets_at), inline=False)
+    return embed
+
+
+STATE_LABELS = {
+    JobState.PENDING: "⏳ waiting",
+    JobState.SUBMITTED: "🎨 generating",
+    JobState.COMPLETED: "📦 being posted",
+    JobState.DELIVERED: "✅ posted",
+    JobState.FAILED: "⚠️ failed",
+}
+
+
+def jobs_embed(jobs: list[JobRecord]) -> discord.Embed:
+    embed = discord.Embed(title="Your recent images", colour=discord.Colour.blurple())
+    if not jobs:
+        embed.description = "Nothing yet: try `/imagine`."
+        return embed
+    lines = []
+    for job in jobs:
+        prompt = quote_user_text(str(job.request.get("prompt", "")), 60)
+        state = STATE_LABELS[job.state]
+        if job.state is JobState.FAILED and job.error and job.error.startswith("delivery failed"):
+            state = "📬 ready, not posted: use Resend below"
+        link = ""
+        if job.state is JobState.DELIVERED and job.message_id and job.channel_id:
+            link = f" · [open](https://discord.com/channels/{job.guild_id or '@me'}/{job.channel_id}/{job.message_id})"
+        lines.append(f"{relative_time(job.created_at)} · {state}{link}\n> {prompt}")
+    embed.description = truncate("\n".join(lines), EMBED_DESCRIPTION_LIMIT)
     return embed
 
 

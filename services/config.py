@@ -41,6 +41,9 @@ class Config:
     mod_log_channel_id: int | None = None
     credits_cooloff_seconds: float = 600.0
     rate_limit_max_wait_seconds: float = 120.0
+    job_lease_seconds: float = 30.0
+    shard_count: int | None = None
+    shard_ids: tuple[int, ...] | None = None
     discord_api_base: str | None = None
     discord_gateway_url: str | None = None
     log_level: str = "INFO"
@@ -73,10 +76,14 @@ class Config:
             "rate_limit_max_wait_seconds": reader.get(
                 "RATE_LIMIT_MAX_WAIT_SECONDS", _positive_float, cls.rate_limit_max_wait_seconds
             ),
+            "job_lease_seconds": reader.get("JOB_LEASE_SECONDS", _positive_float, cls.job_lease_seconds),
+            "shard_count": reader.get("SHARD_COUNT", _int_at_least(1), None),
+            "shard_ids": reader.get("SHARD_IDS", _shard_ids, None),
             "discord_api_base": reader.get("DISCORD_API_BASE", _http_url, None),
             "discord_gateway_url": reader.get("DISCORD_GATEWAY_URL", _ws_url, None),
             "log_level": reader.get("LOG_LEVEL", _log_level, cls.log_level),
         }
+        _check_shards(values["shard_count"], values["shard_ids"], reader.problems)
         if reader.problems:
             raise ConfigError(reader.problems)
         return cls(**values)
@@ -140,6 +147,23 @@ def _snowflake(raw: str) -> int:
 
 def _snowflake_list(raw: str) -> tuple[int, ...]:
     return tuple(_snowflake(part.strip()) for part in raw.split(",") if part.strip())
+
+
+def _shard_ids(raw: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ValueError("expected comma-separated shard numbers such as 0,1") from None
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise ValueError("expected distinct shard numbers of 0 or more")
+    return ids
+
+
+def _check_shards(count: int | None, ids: tuple[int, ...] | None, problems: list[str]) -> None:
+    if ids is not None and count is None:
+        problems.append("SHARD_IDS needs SHARD_COUNT: the total number of shards across every process")
+    elif ids is not None and count is not None and max(ids) >= count:
+        problems.append(f"SHARD_IDS must be below SHARD_COUNT={count}")
 
 
 def _url_with_scheme(raw: str, schemes: tuple[str, ...]) -> str:

@@ -7,9 +7,13 @@ Progress goes back up through a plain callback; nothing here knows about Discord
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import secrets
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 
 CREDITS_FLAG = "segmind_out_of_credits"
 DEFAULT_RATE_LIMIT_WAIT = 5.0
+SEGMIND_RETENTION_SECONDS = 3600.0
 DOWNLOAD_ATTEMPTS = 3
 
 
@@ -97,9 +102,14 @@ class JobService:
         rate_limit_max_wait: float,
         max_download_bytes: int = 40 * 1024 * 1024,
         download_timeout: float = 60.0,
+        lease_seconds: float = 30.0,
+        owner: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
+        self.lease_seconds = lease_seconds
+        # Unique per process run, so a restarted process waits for its dead predecessor's leases to lapse.
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.store = store
         self.quota = quota
         self._session = session
@@ -117,15 +127,84 @@ class JobService:
         await self.store.save_job(job)
         return job
 
+    # -- leases: which process drives a job --
+
+    @contextlib.asynccontextmanager
+    async def lease(self, job_id: str) -> AsyncIterator[bool]:
+        """Holds the job's lease (renewed in the background) for the block; yields False if another owns it."""
+        if not await self.store.acquire_lease(job_id, self.owner, self.lease_seconds, self._clock()):
+            yield False
+            return
+        renewer = asyncio.create_task(self._renew_lease(job_id))
+        try:
+            yield True
+        finally:
+            renewer.cancel()
+            # Released even when the block is cancelled at shutdown, so the next process resumes at once.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.store.release_lease(job_id, self.owner))
+
+    async def _renew_lease(self, job_id: str) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                if not await self.store.acquire_lease(job_id, self.owner, self.lease_seconds, self._clock()):
+                    log.error("job %s: lost its lease to another process", job_id)
+            except Exception:
+                log.warning("job %s: could not renew its lease", job_id, exc_info=True)
+
+    # -- running --
+
+    async def unfinished(self) -> tuple[list[JobRecord], list[JobRecord]]:
+        """Unfinished jobs split into those Segmind still holds results for, and those past its retention."""
+        now = self._clock()
+        jobs = await self.store.unfinished_jobs(created_after=0.0)
+        fresh = [job for job in jobs if job.created_at > now - SEGMIND_RETENTION_SECONDS]
+        stale = [job for job in jobs if job.created_at <= now - SEGMIND_RETENTION_SECONDS]
+        return fresh, stale
+
+    async def resume(self, job: JobRecord, on_progress: ProgressCallback) -> GeneratedImages:
+        """Carries a recorded job on from its last state; a job Segmind accepted is never submitted again."""
+        if job.state is StoredState.PENDING:
+            return await self.run(job, on_progress)
+        request = GenerationRequest.from_payload(job.request)
+        if job.state is StoredState.SUBMITTED and job.segmind_request_id:
+            log.info("job %s: resumed, following %s", job.id, job.segmind_request_id)
+            return await self.follow(job, self.client.resume(job.segmind_request_id, request), on_progress)
+        if job.state is StoredState.COMPLETED:
+            return await self.recover_images(job, request)
+        raise ValueError(f"job {job.id} in state {job.state} cannot be resumed")
+
+    async def abandon(self, job: JobRecord, reason: str) -> JobRecord:
+        """A job that can no longer be delivered: its images are given back and it is closed."""
+        await self.quota.refund(job.reservation_id or "")
+        job = await self.record(job, state=StoredState.FAILED, error=reason)
+        log.info("job %s: abandoned (%s); quota refunded", job.id, reason)
+        return job
+
     async def run(self, job: JobRecord, on_progress: ProgressCallback) -> GeneratedImages:
         """Submits, waits and fetches. The quota is committed once Segmind has billed, refunded otherwise."""
         request = GenerationRequest.from_payload(job.request).with_concrete_seed()
         job = await self.record(job, request=request.to_payload(), state=StoredState.PENDING)
         log.info("job %s: pending (user %d, %d image(s))", job.id, job.user_id, request.samples)
+        # A cancellation (shutdown) must not fall between Segmind's 2xx and the record of its request id,
+        # or the job would be submitted again on resume.
+        recording = asyncio.ensure_future(self._submit_and_record(job, request, on_progress))
+        try:
+            job, submitted = await asyncio.shield(recording)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await recording
+            raise
+        return await self.follow(job, submitted, on_progress)
+
+    async def _submit_and_record(
+        self, job: JobRecord, request: GenerationRequest, on_progress: ProgressCallback
+    ) -> tuple[JobRecord, SubmittedJob]:
         submitted = await self._submit(job, request, on_progress)
         job = await self.record(job, segmind_request_id=submitted.request_id, state=StoredState.SUBMITTED)
         log.info("job %s: submitted as %s", job.id, submitted.request_id)
-        return await self.follow(job, submitted, on_progress)
+        return job, submitted
 
     async def follow(
         self, job: JobRecord, submitted: SubmittedJob, on_progress: ProgressCallback
@@ -156,6 +235,25 @@ class JobService:
         )
         log.info("job %s: completed (%s, %d image(s))", job.id, submitted.request_id, len(images))
         return GeneratedImages(job, submitted.request, images, result.inference_time)
+
+    async def recover_images(self, job: JobRecord, request: GenerationRequest) -> GeneratedImages:
+        """Images of a job that finished before a restart: the output URLs stay downloadable for days."""
+        stored = job.result or {}
+        metrics = stored.get("metrics") or {}
+        try:
+            if stored.get("outputs"):
+                result = JobResult(job.segmind_request_id or "", tuple(stored["outputs"]), False, metrics)
+            else:
+                submitted = self.client.resume(job.segmind_request_id or "", request)
+                result = await self.client.result(submitted)
+            images = await self.fetch_images(result)
+        except (SegmindError, DownloadFailed) as error:
+            job = await self.record(
+                job, state=StoredState.FAILED, error=f"{type(error).__name__}: {error}"[:500]
+            )
+            raise JobError(error, job=job, billed=True) from error
+        log.info("job %s: images recovered after a restart", job.id)
+        return GeneratedImages(job, request, images, result.inference_time)
 
     async def mark_delivered(self, job: JobRecord, *, message_id: int | None) -> JobRecord:
         job = await self.record(job, state=StoredState.DELIVERED, message_id=message_id)

@@ -51,6 +51,8 @@ class JobRecord:
     result: dict[str, Any] | None = None
     error: str | None = None
     origin: str = "command"  # "command", "reroll", "same_seed"
+    upload_limit: int | None = None  # the interaction's attachment size limit, for delivery after a restart
+    requester_name: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,383 @@
+"""Runs recorded jobs to the end and delivers them, whether they started a second ago or before a restart.
+
+Everything needed to reach the member is in the job record (the interaction token, the channel, the
+requester), so delivery works the same in the process that took the command and in one that resumed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord.ext import commands
+
+from cogs import render
+from services.images import PreparedImage, prepare_for_upload
+from services.jobs import GeneratedImages, JobError, Progress
+from services.request import GenerationRequest
+from services.segmind import InsufficientCredits, JobFailed
+from services.store.base import JobRecord
+
+if TYPE_CHECKING:
+    from bot import DreamshaperBot
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EDIT_INTERVAL = 1.5
+# Discord invalidates interaction tokens after 15 minutes; stop using one a little before that.
+TOKEN_LIFETIME = 15 * 60 - 30
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+# Interaction-token failures: the 15 minutes passed, or the message was deleted.
+UNDELIVERABLE_CODES = {10008, 10015, 50027}
+SERVER_ERROR_ATTEMPTS = 3
+
+
+class ProgressMessage:
+    """Coalesces progress into at most one edit per interval, however fast events arrive."""
+
+    def __init__(
+        self, edit: Callable[[str], Awaitable[Any]], interval: float = PROGRESS_EDIT_INTERVAL
+    ) -> None:
+        self._edit = edit
+        self._interval = interval
+        self._pending: str | None = None
+        self._shown: str | None = None
+        self._last_edit = float("-inf")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def update(self, progress: Progress) -> None:
+        if self._closed:
+            return
+        self._pending = render.progress_text(progress)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending is not None and not self._closed:
+            await asyncio.sleep(max(0.0, self._last_edit + self._interval - time.monotonic()))
+            text, self._pending = self._pending, None
+            if self._closed or text is None or text == self._shown:
+                continue
+            self._last_edit = time.monotonic()
+            try:
+                await self._edit(text)
+                self._shown = text
+            except discord.HTTPException as error:
+                log.warning("progress edit failed: %s", error)
+
+    async def finish(self) -> None:
+        """Stops progress and waits out the interval, so the final edit keeps the same pace."""
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.sleep(max(0.0, self._last_edit + self._interval - time.monotonic()))
+
+
+class JobButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"ds:(?P<action>reroll|same|delete|info|resend):(?P<job_id>[A-Za-z0-9_-]{4,40})",
+):
+    """Result buttons carry the job id, and the job is looked up in the store, so they outlive restarts."""
+
+    LOOK = {
+        "reroll": ("Reroll", "🎲", discord.ButtonStyle.primary),
+        "same": ("Same seed", "🔁", discord.ButtonStyle.secondary),
+        "info": ("Info", "ℹ️", discord.ButtonStyle.secondary),
+        "delete": ("Delete", "🗑️", discord.ButtonStyle.danger),
+        "resend": ("Resend", "📬", discord.ButtonStyle.primary),
+    }
+
+    def __init__(self, action: str, job_id: str) -> None:
+        label, emoji, style = self.LOOK[action]
+        super().__init__(
+            discord.ui.Button(label=label, emoji=emoji, style=style, custom_id=f"ds:{action}:{job_id}")
+        )
+        self.action = action
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button[Any], match: Any, /
+    ) -> JobButton:
+        return cls(match["action"], match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        handler = getattr(interaction.client.get_cog("Imagine"), "on_button", None)
+        try:
+            if handler is not None:
+                await handler(interaction, self.action, self.job_id)
+        except Exception as error:
+            await answer_failure(
+                interaction, render.unexpected_error_reply(error, f"the {self.action} button")
+            )
+
+
+def result_view(job_id: str) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for action in ("reroll", "same", "info", "delete"):
+        view.add_item(JobButton(action, job_id))
+    return view
+
+
+def discord_files(prepared: list[PreparedImage]) -> list[discord.File]:
+    # A File is consumed by one upload, so every attempt builds fresh ones.
+    return [discord.File(io.BytesIO(image.data), filename=image.filename) for image in prepared]
+
+
+async def answer_failure(interaction: discord.Interaction, reply: render.FailureReply) -> None:
+    """Tells the member what went wrong without ever showing a traceback; the log has the details."""
+    try:
+        if interaction.response.is_done():
+            await interaction.edit_original_response(
+                content=reply.text, embed=None, attachments=[], view=None
+            )
+        else:
+            await interaction.response.send_message(reply.text, ephemeral=True)
+    except discord.HTTPException as error:
+        log.warning("could not tell the member about a failure: %s", error)
+
+
+class JobMessage:
+    """The interaction's original response, reached through its webhook token while the token lives."""
+
+    def __init__(self, bot: DreamshaperBot, job: JobRecord) -> None:
+        self.job = job
+        self._webhook: discord.Webhook | None = None
+        if job.application_id and job.interaction_token:
+            self._webhook = discord.Webhook.partial(job.application_id, job.interaction_token, client=bot)
+
+    @property
+    def usable(self) -> bool:
+        created = self.job.interaction_created_at
+        return self._webhook is not None and created is not None and time.time() < created + TOKEN_LIFETIME
+
+    async def edit(self, **fields: Any) -> discord.Message:
+        if not self.usable or self._webhook is None:
+            raise TokenExpired
+        # '@original' addresses the interaction's first response, exactly as Interaction does.
+        return await self._webhook.edit_message("@original", **fields)  # type: ignore[arg-type]
+
+    async def show(self, text: str) -> None:
+        with contextlib.suppress(TokenExpired):
+            await self.edit(content=text)
+
+
+class TokenExpired(Exception):
+    pass
+
+
+class JobRunner(commands.Cog):
+    """Owns every running job of this process: fresh ones, and unfinished ones found in the store."""
+
+    def __init__(self, bot: DreamshaperBot) -> None:
+        self.bot = bot
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self.accepting = True
+
+    async def cog_load(self) -> None:
+        self.bot.add_dynamic_items(JobButton)
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def cog_unload(self) -> None:
+        await self.stop()
+
+    # -- lifecycle --
+
+    def start(self, job: JobRecord) -> asyncio.Task[None]:
+        task = asyncio.create_task(self.execute(job), name=f"job-{job.id}")
+        self._running[job.id] = task
+        task.add_done_callback(lambda _t: self._running.pop(job.id, None))
+        return task
+
+    async def stop(self) -> None:
+        """No new jobs; running ones are cancelled after their state is written, to be resumed later."""
+        self.accepting = False
+        tasks = [t for t in [self._sweeper, *self._running.values()] if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=8)
+        log.info(
+            "job runner stopped; %d job(s) left for the next start", len(tasks) - (self._sweeper is not None)
+        )
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("could not look for unfinished jobs")
+            await asyncio.sleep(self.bot.jobs.lease_seconds)
+
+    async def sweep(self) -> None:
+        """Resumes unfinished jobs that no live process holds; closes those past Segmind's retention."""
+        fresh, stale = await self.bot.jobs.unfinished()
+        for job in fresh:
+            if job.id not in self._running and self.accepting:
+                self.start(job)
+        for job in stale:
+            async with self.bot.jobs.lease(job.id) as ours:
+                if ours:
+                    await self.bot.jobs.abandon(job, "past Segmind's one-hour retention")
+                    await self._tell_requester(
+                        job,
+                        f"⌛ <@{job.user_id}>, your image request could not be finished and was not charged.",
+                    )
+
+    # -- one job --
+
+    async def execute(self, job: JobRecord) -> None:
+        async with self.bot.jobs.lease(job.id) as ours:
+            if not ours:
+                return
+            current = await self.bot.store.get_job(job.id) or job
+            if current.finished:
+                return
+            message = JobMessage(self.bot, current)
+            progress = ProgressMessage(message.show)
+            try:
+                generated = await self.bot.jobs.resume(current, progress.update)
+            except JobError as error:
+                await progress.finish()
+                await self.report_failure(message, error)
+                return
+            await progress.finish()
+            await self.deliver(message, generated)
+
+    async def deliver(self, message: JobMessage, generated: GeneratedImages) -> None:
+        job, request = generated.job, generated.request
+        prepared = await prepare_for_upload(
+            generated.images,
+            limit_bytes=job.upload_limit or DEFAULT_UPLOAD_LIMIT,
+            stem=f"dreamshaper_{request.seed}",
+        )
+        embed = render.result_embed(
+            request, inference_time=generated.inference_time, requester=job.requester_name or "a member"
+        )
+        sent = await self._edit_with_retries(message, embed, prepared)
+        if sent is None:
+            sent = await self._deliver_elsewhere(job, embed, prepared)
+        if sent is None:
+            await self.bot.jobs.mark_undeliverable(job, "no channel, DM or interaction could take it")
+            return
+        await self.bot.jobs.mark_delivered(job, message_id=sent.id)
+
+    async def _edit_with_retries(
+        self, message: JobMessage, embed: discord.Embed, prepared: list[PreparedImage]
+    ) -> discord.Message | None:
+        # discord.py already waits out 429s and retries 5xx a few times; this covers longer outages.
+        for attempt in range(SERVER_ERROR_ATTEMPTS):
+            try:
+                return await message.edit(
+                    content=None,
+                    embed=embed,
+                    attachments=discord_files(prepared),
+                    view=result_view(message.job.id),
+                )
+            except TokenExpired:
+                return None
+            except discord.DiscordServerError as error:
+                log.warning(
+                    "job %s: Discord failed the result edit (%s); retrying", message.job.id, error.status
+                )
+                await asyncio.sleep(2**attempt)
+            except discord.HTTPException as error:
+                log.info(
+                    "job %s: the original response is gone (%s); posting elsewhere", message.job.id, error
+                )
+                return None
+        return None
+
+    async def _deliver_elsewhere(
+        self, job: JobRecord, embed: discord.Embed, prepared: list[PreparedImage]
+    ) -> discord.Message | None:
+        """Posts in the channel, pinging only the requester; failing that, a direct message."""
+        content = f"<@{job.user_id}>, your images are ready."
+        for destination in await self._destinations(job):
+            try:
+                return await destination.send(
+                    content=content,
+                    embed=embed,
+                    files=discord_files(prepared),
+                    view=result_view(job.id),
+                    allowed_mentions=discord.AllowedMentions(users=[discord.Object(job.user_id)]),
+                )
+            except discord.HTTPException as error:
+                log.warning("job %s: could not post the result (%s); trying the next place", job.id, error)
+        return None
+
+    async def _destinations(self, job: JobRecord) -> list[discord.abc.Messageable]:
+        destinations: list[discord.abc.Messageable] = []
+        lookups: list[Callable[[], Awaitable[discord.abc.Messageable]]] = []
+        if job.channel_id is not None:
+            lookups.append(lambda: self.channel(job.channel_id or 0))
+        lookups.append(lambda: self._dm(job.user_id))
+        for lookup in lookups:
+            with contextlib.suppress(discord.HTTPException, LookupError):
+                destinations.append(await lookup())
+        return destinations
+
+    async def channel(self, channel_id: int) -> discord.abc.Messageable:
+        channel = self.bot.get_channel(channel_id) or await self.bot.fetch_channel(channel_id)
+        if not isinstance(channel, discord.abc.Messageable):
+            raise LookupError(f"channel {channel_id} cannot take messages")
+        return channel
+
+    async def _dm(self, user_id: int) -> discord.abc.Messageable:
+        user = self.bot.get_user(user_id) or await self.bot.fetch_user(user_id)
+        return await user.create_dm()
+
+    async def _tell_requester(self, job: JobRecord, text: str) -> None:
+        for destination in await self._destinations(job):
+            try:
+                await destination.send(
+                    text, allowed_mentions=discord.AllowedMentions(users=[discord.Object(job.user_id)])
+                )
+                return
+            except discord.HTTPException:
+                continue
+
+    async def report_failure(self, message: JobMessage, error: JobError) -> None:
+        reply = render.job_failure_reply(error)
+        try:
+            await message.edit(content=reply.text, embed=None, attachments=[], view=None)
+        except (discord.HTTPException, TokenExpired):
+            await self._tell_requester(error.job, f"<@{error.job.user_id}> {reply.text}")
+        cause = error.cause
+        if isinstance(cause, InsufficientCredits):
+            log.error("Segmind says the account is out of credits; new jobs are refused for a while")
+            await self.post_mod_log(
+                "💳 Segmind reports the bot's account is **out of credits**. Top it up to resume."
+            )
+        elif isinstance(cause, JobFailed) and cause.is_content_block:
+            request = GenerationRequest.from_payload(error.job.request)
+            await self.post_mod_log(
+                f"🚫 Content filter blocked a prompt from <@{error.job.user_id}> (request `{error.request_id}`):\n"
+                f">>> {render.quote_user_text(request.prompt, 1500)}"
+            )
+
+    async def post_mod_log(self, text: str) -> None:
+        channel_id = self.bot.config.mod_log_channel_id
+        if channel_id is None:
+            return
+        try:
+            channel = await self.channel(channel_id)
+            await channel.send(
+                render.truncate(text, render.MESSAGE_LIMIT), allowed_mentions=discord.AllowedMentions.none()
+            )
+        except (discord.HTTPException, LookupError) as error:
+            log.warning("could not post to the mod log channel %d: %s", channel_id, error)
+
+
+async def setup(bot: DreamshaperBot) -> None:
+    await bot.add_cog(JobRunner(bot))
