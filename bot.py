@@ -37,7 +37,7 @@ def point_discord_py_at(api_base: str | None, gateway_url: str | None) -> None:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
 
 
-class DreamshaperBot(commands.Bot):
+class DreamshaperBot(commands.AutoShardedBot):
     def __init__(self, config: Config) -> None:
         # Slash commands and buttons arrive as interactions, which need no privileged intents; the guilds
         # intent keeps channels cached for results posted outside the interaction.
@@ -48,6 +48,9 @@ class DreamshaperBot(commands.Bot):
             intents=intents,
             allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
+            # None lets Discord recommend a count; several processes must agree on SHARD_COUNT.
+            shard_count=config.shard_count,
+            shard_ids=list(config.shard_ids) if config.shard_ids is not None else None,
         )
         self.config = config
         # Built in setup_hook, which runs inside the event loop the sessions belong to.
@@ -56,6 +59,7 @@ class DreamshaperBot(commands.Bot):
         self.store: Store
         self.quota: QuotaGuard
         self.jobs: JobService
+        self._shutdown: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
         self.http_session = aiohttp.ClientSession(raise_for_status=False)
@@ -80,6 +84,7 @@ class DreamshaperBot(commands.Bot):
             self.http_session,
             credits_cooloff=self.config.credits_cooloff_seconds,
             rate_limit_max_wait=self.config.rate_limit_max_wait_seconds,
+            lease_seconds=self.config.job_lease_seconds,
         )
         for extension in EXTENSIONS:
             await self.load_extension(extension)
@@ -103,20 +108,35 @@ class DreamshaperBot(commands.Bot):
         )
 
     async def close(self) -> None:
+        # Signal handlers and `async with` may both close the bot; the first call does the work and
+        # every caller waits for it, so the store is always closed before the process exits.
+        if self._shutdown is None:
+            self._shutdown = asyncio.create_task(self._close_everything())
+        await asyncio.shield(self._shutdown)
+
+    async def _close_everything(self) -> None:
         await super().close()
         if hasattr(self, "http_session"):
             await self.http_session.close()
         if hasattr(self, "store"):
             await self.store.close()
+        log.info("closed")
 
 
 async def run(config: Config) -> None:
     bot = DreamshaperBot(config)
     loop = asyncio.get_running_loop()
+    closing: set[asyncio.Task[None]] = set()
+
+    def shut_down(signum: signal.Signals) -> None:
+        log.info("%s received: no new jobs; unfinished ones will resume at the next start", signum.name)
+        closing.add(asyncio.create_task(bot.close()))
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(bot.close()))
+        loop.add_signal_handler(signum, shut_down, signum)
     async with bot:
         await bot.start(config.discord_token)
+    await asyncio.gather(*closing)
 
 
 def main() -> int:

@@ -35,11 +35,13 @@ from devtools.demo_transcript import (
     MessageEvent,
     TranscriptRecorder,
     build_transcript,
+    button_labels,
     render_markdown,
     stop_watching,
 )
 from devtools.discord_models import (
     CALLBACK_CHANNEL_MESSAGE,
+    CALLBACK_DEFERRED_CHANNEL_MESSAGE,
     InteractionHandle,
     StoredAttachment,
     StoredMessage,
@@ -64,10 +66,11 @@ BOT_NAME = "Dreamshaper"
 GUILD_NAME = "Demo Guild"
 USERNAME = "demo-user"
 
-# Short but realistic: a second in Segmind's queue, then a few seconds of generation (a 30-step 7:9 job
-# takes about 1.8 s per image), so a few progress edits show before the result.
+# Short but realistic: a second in Segmind's queue, then about 3 s of generation per 7:9 image at 30 steps.
+# Shorter would finish before the bot's first check of a running job (its priors expect a slower GPU), and
+# the member would never see the "Generating" line.
 QUEUE_SECONDS = 1.0
-SECONDS_PER_STEP = 0.06
+SECONDS_PER_STEP = 0.1
 
 STARTUP_TIMEOUT = 20.0
 INFO_TIMEOUT = 10.0
@@ -120,14 +123,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "created or edited. No Discord token, Segmind key or internet is needed."
         ),
     )
-    parser.add_argument("--prompt", type=_prompt, default=DEFAULT_PROMPT, help="what to draw (default: %(default)r)")
     parser.add_argument(
-        "--samples", type=int, choices=range(1, 5), default=2, metavar="{1-4}", help="images (default: %(default)s)"
+        "--prompt", type=_prompt, default=DEFAULT_PROMPT, help="what to draw (default: %(default)r)"
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        choices=range(1, 5),
+        default=2,
+        metavar="{1-4}",
+        help="images (default: %(default)s)",
     )
     parser.add_argument(
         "--aspect", choices=list(ASPECTS), default="7:9", help="size preset (default: %(default)s)"
     )
-    parser.add_argument("--seed", type=_seed, default=None, help="reuse a seed to reproduce an image (default: random)")
+    parser.add_argument(
+        "--seed", type=_seed, default=None, help="reuse a seed to reproduce an image (default: random)"
+    )
     parser.add_argument(
         "--timeout",
         type=_timeout,
@@ -235,7 +247,7 @@ def progress_markers() -> frozenset[str]:
 
 
 def answer_state(handle: InteractionHandle, markers: frozenset[str]) -> str | None:
-    """"result", "failure" or None while the bot is still working on /imagine."""
+    """How /imagine ended ("result" or "failure"), or None while the bot is still working on it."""
     callback, message = handle.callback, handle.original
     if callback is None or message is None:
         return None
@@ -266,12 +278,18 @@ def shown_text(message: StoredMessage | None) -> str:
     if message.content:
         return repr(one_line(message.content, 120))
     if message.embeds:
-        return repr(one_line(str(message.embeds[0].get("description") or message.embeds[0].get("title")), 120))
+        return repr(
+            one_line(str(message.embeds[0].get("description") or message.embeds[0].get("title")), 120)
+        )
     return "an empty message"
 
 
 async def send_imagine(
-    run: DemoRun, stand_in: DiscordStandIn, bot_task: asyncio.Task[None], recorder: TranscriptRecorder, timeout: float
+    run: DemoRun,
+    stand_in: DiscordStandIn,
+    bot_task: asyncio.Task[None],
+    recorder: TranscriptRecorder,
+    timeout: float,
 ) -> StoredMessage:
     command_line = "/imagine " + " ".join(f"{name}:{value}" for name, value in run.options.items())
     try:
@@ -280,11 +298,15 @@ async def send_imagine(
         # The stand-in refuses what the Discord client would refuse to send (e.g. a value out of range).
         raise DemoError(f"Discord would not send this /imagine: {error}") from None
     run.command = handle
-    recorder.track("/imagine", handle, action=f"used `{command_line}`", username=USERNAME, options=run.options)
+    recorder.track(
+        "/imagine", handle, action=f"used `{command_line}`", username=USERNAME, options=run.options
+    )
     log.info("demo: %s sent %s", USERNAME, command_line)
     markers = progress_markers()
     if not await wait_until(stand_in, bot_task, lambda: answer_state(handle, markers) is not None, timeout):
-        raise DemoError(f"no result within {timeout:g} s of sending /imagine (the bot showed {shown_text(handle.original)})")
+        raise DemoError(
+            f"no result within {timeout:g} s of sending /imagine (the bot showed {shown_text(handle.original)})"
+        )
     message = handle.original
     assert message is not None
     if answer_state(handle, markers) == "failure":
@@ -311,11 +333,18 @@ async def press_info(
         None,
     )
     if button is None:
-        raise DemoError("the result has no Info button (no component with a custom_id starting with ds:info:)")
+        raise DemoError(
+            "the result has no Info button (no component with a custom_id starting with ds:info:)"
+        )
     handle = await stand_in.press_button(message, button["custom_id"], username=USERNAME)
     run.info = handle
-    label = button.get("label") or "Info"
-    recorder.track(f"{label} button", handle, action=f"clicked `[{label}]` on the result", username=USERNAME)
+    label = (button_labels([button]) or ["Info"])[0]
+    recorder.track(
+        f"{button.get('label') or 'Info'} button",
+        handle,
+        action=f"clicked `[{label}]` on the result",
+        username=USERNAME,
+    )
     log.info("demo: %s clicked %s", USERNAME, label)
 
     def answered() -> bool:
@@ -328,16 +357,24 @@ async def press_info(
         raise DemoError(f"the Info button got no answer within {INFO_TIMEOUT:g} s")
 
 
+def seconds_text(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
 def summarize(run: DemoRun, recorder: TranscriptRecorder) -> None:
     handle = run.command
     if handle is None:
         return
     origin = run.origin
     if handle.callback is not None:
-        deferral = handle.callback.time - origin
-        run.timings["first_answer_s"] = round(deferral, 3)
+        first = handle.callback.time - origin
+        run.timings["first_answer_s"] = round(first, 3)
         run.timings["first_answer_type"] = handle.callback.type
-        run.summary["first answer"] = f"{CALLBACK_NAMES.get(handle.callback.type, 'callback')} after {deferral:.2f} s"
+        if handle.callback.type == CALLBACK_DEFERRED_CHANNEL_MESSAGE:
+            run.summary["deferral"] = f'after {seconds_text(first)} (the member sees "is thinking…")'
+        else:
+            name = CALLBACK_NAMES.get(handle.callback.type, "an answer")
+            run.summary["first answer"] = f"after {seconds_text(first)}: {name}"
     if run.result is not None:
         events = recorder.message_events(run.result.id)
         delivered: MessageEvent | None = next((e for e in events if e.attachments), None)
@@ -347,7 +384,7 @@ def summarize(run: DemoRun, recorder: TranscriptRecorder) -> None:
             run.timings["progress_edits"] = len(progress)
             run.timings["result_s"] = round(delivered.at - origin, 3)
             run.summary["progress edits"] = str(len(progress))
-            run.summary["result"] = f"after {delivered.at - origin:.2f} s"
+            run.summary["result"] = f"after {seconds_text(delivered.at - origin)}"
         run.seed = result_seed(run.result)
         if run.seed is not None:
             run.summary["seed"] = run.seed
@@ -356,8 +393,9 @@ def summarize(run: DemoRun, recorder: TranscriptRecorder) -> None:
     if info is not None and info.callback is not None:
         after = info.callback.time - info.created_at
         run.timings["info_reply_s"] = round(after, 3)
-        private = " (ephemeral)" if info.is_ephemeral else ""
-        run.summary["Info button"] = f"{CALLBACK_NAMES.get(info.callback.type, 'callback')}{private} after {after:.2f} s"
+        private = ", ephemeral" if info.is_ephemeral else ""
+        name = CALLBACK_NAMES.get(info.callback.type, "an answer")
+        run.summary["Info button"] = f"answered after {seconds_text(after)}: {name}{private}"
 
 
 def result_seed(message: StoredMessage) -> str | None:
@@ -413,6 +451,7 @@ def save_images(run: DemoRun) -> None:
 def write_transcripts(run: DemoRun, recorder: TranscriptRecorder, stand_in: DiscordStandIn) -> None:
     files = [image.file for image in run.images] + [TRANSCRIPT_MD, TRANSCRIPT_JSON]
     extra = {
+        "bot_name": BOT_NAME,
         "command": {"name": "imagine", "options": run.options, "user": USERNAME},
         "summary": run.summary,
         "timings": run.timings,
@@ -453,11 +492,6 @@ def report(run: DemoRun) -> None:
 
 async def run_demo(args: argparse.Namespace) -> DemoRun:
     out: Path = args.out.expanduser().resolve()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DemoError(f"cannot create the output folder {out}: {error.strerror or error}") from None
-    clear_previous_outputs(out)
     options: dict[str, Any] = {"prompt": args.prompt, "samples": args.samples, "aspect": args.aspect}
     if args.seed is not None:
         options["seed"] = args.seed
@@ -466,7 +500,9 @@ async def run_demo(args: argparse.Namespace) -> DemoRun:
     async with contextlib.AsyncExitStack() as stack:
         segmind = SegmindServer(
             SegmindServerSettings(
-                api_keys=frozenset({SEGMIND_KEY}), queue_seconds=QUEUE_SECONDS, seconds_per_step=SECONDS_PER_STEP
+                api_keys=frozenset({SEGMIND_KEY}),
+                queue_seconds=QUEUE_SECONDS,
+                seconds_per_step=SECONDS_PER_STEP,
             )
         )
         await segmind.start("127.0.0.1", 0)
@@ -485,7 +521,9 @@ async def run_demo(args: argparse.Namespace) -> DemoRun:
         bot_task = asyncio.create_task(bot.start(config.discord_token))
         stack.push_async_callback(stop_bot, bot, bot_task)
 
-        if not await wait_until(stand_in, bot_task, lambda: stand_in.gateway.ready_count >= 1, STARTUP_TIMEOUT):
+        if not await wait_until(
+            stand_in, bot_task, lambda: stand_in.gateway.ready_count >= 1, STARTUP_TIMEOUT
+        ):
             raise DemoError(f"the bot did not connect to the Discord stand-in within {STARTUP_TIMEOUT:g} s")
         if not await wait_until(
             stand_in, bot_task, lambda: bool(stand_in.synced_commands.get(stand_in.guild_id)), STARTUP_TIMEOUT
@@ -500,7 +538,9 @@ async def run_demo(args: argparse.Namespace) -> DemoRun:
             if run.command is not None:
                 summarize(run, recorder)
                 write_transcripts(run, recorder, stand_in)
-                raise DemoError(f"{error}; the transcript so far is in {shown_path(out)}{TRANSCRIPT_MD}") from None
+                raise DemoError(
+                    f"{error}; the transcript so far is in {shown_path(out)}{TRANSCRIPT_MD}"
+                ) from None
             raise
         summarize(run, recorder)
         write_transcripts(run, recorder, stand_in)
@@ -517,10 +557,20 @@ def setup_logging() -> None:
     discord.VoiceClient.warn_dave = False
 
 
+def prepare_output_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DemoError(f"cannot create the output folder {out}: {error.strerror or error}") from None
+    clear_previous_outputs(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
+        # Before the event loop starts: plain blocking file work.
+        prepare_output_folder(args.out.expanduser().resolve())
         run = asyncio.run(run_demo(args))
     except DemoError as error:
         print(f"demo failed: {error}", file=sys.stderr)

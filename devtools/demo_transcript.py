@@ -9,6 +9,7 @@ the snapshot was taken, so they are exact even if the watcher runs a little late
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import datetime as dt
 import time
@@ -342,7 +343,7 @@ def _embed_lines(embed: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _message_lines(entry: Mapping[str, Any]) -> list[str]:
+def _message_lines(entry: Mapping[str, Any], bot_name: str) -> list[str]:
     if "content" not in entry:
         return ["(the state after this change was not captured)"]
     lines: list[str] = []
@@ -352,7 +353,7 @@ def _message_lines(entry: Mapping[str, Any]) -> list[str]:
     if "ephemeral" in flags:
         lines.append("Visible only to the member who used it (ephemeral).")
     if "loading" in flags:
-        lines.append('Shown as "<bot> is thinking…" until the bot edits it.')
+        lines.append(f'Shown as "{bot_name} is thinking…" until the bot edits it.')
     if entry.get("content"):
         lines.extend(["Content:", "", *_quoted(entry["content"])])
     for embed in entry.get("embeds") or []:
@@ -369,12 +370,12 @@ def _message_lines(entry: Mapping[str, Any]) -> list[str]:
                 else ""
             )
             lines.append(f"- `{attachment.get('filename')}` ({dimensions}{_size(attachment.get('size'))})")
-    if not lines:
-        lines.append("(empty)")
-    return lines
+    while lines and not lines[0]:
+        lines.pop(0)
+    return lines or ["(empty)"]
 
 
-def _entry_lines(entry: Mapping[str, Any]) -> list[str]:
+def _entry_lines(entry: Mapping[str, Any], bot_name: str) -> list[str]:
     t = f"t = {entry['t']:.2f} s"
     if entry["kind"] == "callback":
         outcome = "accepted" if entry["accepted"] else f"refused with HTTP {entry['status']}"
@@ -383,11 +384,12 @@ def _entry_lines(entry: Mapping[str, Any]) -> list[str]:
     heading = f"- **{t}**: {entry['message']} message `{entry['message_id']}` {entry['event']}"
     if entry["event"] == "deleted":
         return [heading + "."]
-    body = _message_lines(entry)
+    body = _message_lines(entry, bot_name)
     return [heading + ":", "", *(f"  {line}" if line else "" for line in body)]
 
 
 def render_markdown(data: Mapping[str, Any]) -> str:
+    bot_name = str(data.get("bot_name") or "The bot")
     lines = [f"# {data['title']}", ""]
     lines.append(
         "The real bot, run against the local Discord and Segmind stand-ins. "
@@ -406,19 +408,19 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         )
     for number, interaction in enumerate(data["interactions"], start=1):
         lines.extend(["", f"## {number}. {interaction['label']}", ""])
-        lines.append(f"- **t = {interaction['sent_at']:.2f} s**: `{interaction['user']}` {interaction['action']}.")
+        lines.append(
+            f"- **t = {interaction['sent_at']:.2f} s**: `{interaction['user']}` {interaction['action']}."
+        )
         for entry in interaction["events"]:
-            lines.extend(_entry_lines(entry))
+            lines.extend(_entry_lines(entry, bot_name))
     if data.get("other_messages"):
         lines.extend(["", "## Other messages the bot posted", ""])
         for entry in data["other_messages"]:
-            lines.extend(_entry_lines(entry))
+            lines.extend(_entry_lines(entry, bot_name))
     return "\n".join(lines).rstrip() + "\n"
 
 
 async def stop_watching(task: asyncio.Task[None]) -> None:
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass

@@ -1,0 +1,103 @@
+"""Nothing lost: the real bot process killed, stopped and restarted mid-job, on either store."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from devtools.discord_server import InteractionHandle
+from tests.processes import BotProcesses, bot_processes, database_url
+
+__all__ = ["bot_processes"]
+
+STORES = ["sqlite", "redis"]
+
+
+def deliveries(processes: BotProcesses, handle: InteractionHandle) -> int:
+    """How many times images were posted for this interaction (its original response or the channel)."""
+    uploads = [
+        r
+        for r in processes.discord.requests
+        if r.files
+        and (handle.token in r.path or r.path.startswith(f"/channels/{handle.channel_id}/messages"))
+    ]
+    return len(uploads)
+
+
+async def wait_for_submit(processes: BotProcesses, count: int = 1) -> None:
+    await processes.discord.wait_for(lambda: len(processes.segmind.stats.submits) >= count, timeout=20)
+
+
+async def wait_for_images(processes: BotProcesses, handle: InteractionHandle, timeout: float = 40) -> None:
+    await processes.discord.wait_for(lambda: deliveries(processes, handle) >= 1, timeout=timeout)
+    # Give a duplicate delivery, if there were one, time to show up.
+    await asyncio.sleep(1.0)
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_sigkill_mid_generation_then_restart_delivers_once(
+    bot_processes: BotProcesses, tmp_path: Path, store: str
+) -> None:
+    database = await database_url(store, tmp_path)
+    first = await bot_processes.start(database, ready_count=1)
+    handle = await bot_processes.discord.send_slash_command(
+        "imagine", {"prompt": "survives a crash", "samples": 2}
+    )
+    await handle.wait_for_callback()
+    await wait_for_submit(bot_processes)
+    first.kill()
+    await first.wait(10)
+
+    await bot_processes.start(database, ready_count=2)
+    await wait_for_images(bot_processes, handle)
+
+    assert len(bot_processes.segmind.stats.submits) == 1
+    assert deliveries(bot_processes, handle) == 1
+    assert handle.original is not None and len(handle.original.attachments) == 2
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_sigterm_stops_within_ten_seconds_and_the_job_resumes(
+    bot_processes: BotProcesses, tmp_path: Path, store: str
+) -> None:
+    database = await database_url(store, tmp_path)
+    first = await bot_processes.start(database, ready_count=1)
+    handle = await bot_processes.discord.send_slash_command("imagine", {"prompt": "a clean stop"})
+    await handle.wait_for_callback()
+    await wait_for_submit(bot_processes)
+    stopping = time.monotonic()
+    first.terminate()
+    assert await first.wait(10) == 0
+    assert time.monotonic() - stopping < 10
+    log = first.log()
+    assert "SIGTERM received" in log and "Traceback" not in log
+
+    await bot_processes.start(database, ready_count=2)
+    await wait_for_images(bot_processes, handle)
+    assert len(bot_processes.segmind.stats.submits) == 1
+    assert deliveries(bot_processes, handle) == 1
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_a_job_killed_before_its_submit_is_submitted_once_after_restart(
+    bot_processes: BotProcesses, tmp_path: Path, store: str
+) -> None:
+    database = await database_url(store, tmp_path)
+    first = await bot_processes.start(database, ready_count=1)
+    bot_processes.segmind.inject("rate_limit", target="submit", reset_after=4.0)
+    handle = await bot_processes.discord.send_slash_command("imagine", {"prompt": "waiting its turn"})
+    await handle.wait_for_callback()
+    await bot_processes.discord.wait_for(
+        lambda: bool(bot_processes.segmind.stats.requests_to("submit")), timeout=20
+    )
+    first.kill()
+    await first.wait(10)
+    assert bot_processes.segmind.stats.submits == []
+
+    await bot_processes.start(database, ready_count=2)
+    await wait_for_images(bot_processes, handle)
+    assert len(bot_processes.segmind.stats.submits) == 1
+    assert deliveries(bot_processes, handle) == 1
