@@ -12,6 +12,7 @@ import io
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -19,7 +20,7 @@ from discord.ext import commands
 
 from cogs import render
 from services.images import PreparedImage, prepare_for_upload
-from services.jobs import GeneratedImages, JobError, Progress
+from services.jobs import GeneratedImages, JobError, Progress, ProgressKind
 from services.request import GenerationRequest
 from services.segmind import InsufficientCredits, JobFailed
 from services.store.base import JobRecord
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROGRESS_EDIT_INTERVAL = 1.5
+PROGRESS_TICK_SECONDS = 5.0
 # Discord invalidates interaction tokens after 15 minutes; stop using one a little before that.
 TOKEN_LIFETIME = 15 * 60 - 30
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
@@ -39,7 +41,11 @@ SERVER_ERROR_ATTEMPTS = 3
 
 
 class ProgressMessage:
-    """Coalesces progress into at most one edit per interval, however fast events arrive."""
+    """Coalesces progress into at most one edit per interval, however fast events arrive.
+
+    Between Segmind status checks (which grow sparse on long jobs) the elapsed seconds keep moving, so the
+    member can see the job is alive.
+    """
 
     def __init__(
         self, edit: Callable[[str], Awaitable[Any]], interval: float = PROGRESS_EDIT_INTERVAL
@@ -49,18 +55,35 @@ class ProgressMessage:
         self._pending: str | None = None
         self._shown: str | None = None
         self._last_edit = float("-inf")
+        self._progress: Progress | None = None
+        self._progress_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
     def update(self, progress: Progress) -> None:
         if self._closed:
             return
+        self._progress, self._progress_at = progress, time.monotonic()
         self._pending = render.progress_text(progress)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush())
 
+    def _ticking(self) -> bool:
+        return self._progress is not None and self._progress.kind in (
+            ProgressKind.QUEUED,
+            ProgressKind.GENERATING,
+        )
+
     async def _flush(self) -> None:
-        while self._pending is not None and not self._closed:
+        while not self._closed:
+            if self._pending is None:
+                if not self._ticking():
+                    return
+                await asyncio.sleep(PROGRESS_TICK_SECONDS)
+                if self._pending is None and self._progress is not None and self._ticking():
+                    moved = self._progress.elapsed + time.monotonic() - self._progress_at
+                    self._pending = render.progress_text(replace(self._progress, elapsed=moved))
+                continue
             await asyncio.sleep(max(0.0, self._last_edit + self._interval - time.monotonic()))
             text, self._pending = self._pending, None
             if self._closed or text is None or text == self._shown:

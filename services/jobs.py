@@ -295,11 +295,19 @@ class JobService:
                 raise JobError(error, job=job, billed=False) from error
 
     async def _wait(self, submitted: SubmittedJob, on_progress: ProgressCallback) -> JobResult:
+        started_at: float | None = None  # seconds after submit when the job was first seen running
         async for event in self.client.wait(submitted):
             if event.result is not None:
                 return event.result
-            kind = ProgressKind.QUEUED if event.state is JobState.QUEUED else ProgressKind.GENERATING
-            on_progress(Progress(kind, elapsed=event.elapsed, request_id=event.request_id))
+            if event.state is JobState.QUEUED:
+                on_progress(Progress(ProgressKind.QUEUED, elapsed=event.elapsed, request_id=event.request_id))
+                continue
+            started_at = event.elapsed if started_at is None else started_at
+            on_progress(
+                Progress(
+                    ProgressKind.GENERATING, elapsed=event.elapsed - started_at, request_id=event.request_id
+                )
+            )
         raise SegmindError("the wait ended without a result", request_id=submitted.request_id)
 
     async def _fail(self, job: JobRecord, error: BaseException, *, billed: bool) -> None:

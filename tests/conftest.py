@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis.asyncio as redis
 
 from bot import DreamshaperBot, point_discord_py_at
 from devtools.discord_server import DiscordStandIn, InteractionHandle, StoredMessage
@@ -79,9 +82,38 @@ def is_final(message: StoredMessage) -> bool:
 
 StackFactory = Callable[..., Awaitable[BotStack]]
 
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+async def redis_available() -> bool:
+    client = redis.from_url(REDIS_URL)
+    try:
+        return bool(await client.ping())
+    except Exception:
+        return False
+    finally:
+        await client.aclose()
+
+
+async def database_url(kind: str, tmp_path: Path) -> str:
+    """A fresh store: a SQLite file, or a Redis database under a key prefix of its own."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/bot.sqlite3"
+    if not await redis_available():
+        if os.environ.get("REQUIRE_REDIS") == "1":
+            pytest.fail(f"Redis is required (REQUIRE_REDIS=1) but {REDIS_URL} does not answer")
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    return f"{REDIS_URL}?prefix=test-{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Every end-to-end test runs on both stores: one process on SQLite, many on Redis."""
+    return str(request.param)
+
 
 @pytest.fixture
-async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
+async def make_stack(tmp_path: Path, store_kind: str) -> AsyncIterator[StackFactory]:
     started: list[tuple[BotStack, asyncio.Task[None]]] = []
 
     async def make(
@@ -107,7 +139,7 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
                 "SEGMIND_API_KEY": SEGMIND_KEY,
                 "SEGMIND_BASE_URL": segmind.base_url,
                 "SEGMIND_REQUESTS_PER_MINUTE": "600",
-                "DATABASE_URL": f"sqlite:///{tmp_path}/bot-{len(started)}.sqlite3",
+                "DATABASE_URL": await database_url(store_kind, tmp_path / str(len(started))),
                 "DISCORD_GUILD_IDS": str(discord.guild_id),
                 "DISCORD_API_BASE": discord.api_base,
                 "DISCORD_GATEWAY_URL": discord.gateway_url,

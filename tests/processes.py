@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,33 +15,11 @@ import pytest
 
 from devtools.discord_server import DiscordStandIn
 from devtools.segmind_server import SegmindServer
-from tests.conftest import BOT_TOKEN, SEGMIND_KEY
+from tests.conftest import BOT_TOKEN, SEGMIND_KEY, database_url
+
+__all__ = ["BotProcess", "BotProcesses", "bot_processes", "database_url"]
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-async def redis_available() -> bool:
-    import redis.asyncio as redis
-
-    client = redis.from_url(REDIS_URL)
-    try:
-        return bool(await client.ping())
-    except Exception:
-        return False
-    finally:
-        await client.aclose()
-
-
-async def database_url(kind: str, tmp_path: Path) -> str:
-    """A fresh store: a SQLite file, or a Redis database under a key prefix of its own."""
-    if kind == "sqlite":
-        return f"sqlite:///{tmp_path}/bot.sqlite3"
-    if not await redis_available():
-        if os.environ.get("REQUIRE_REDIS") == "1":
-            pytest.fail(f"Redis is required (REQUIRE_REDIS=1) but {REDIS_URL} does not answer")
-        pytest.skip(f"no Redis at {REDIS_URL}")
-    return f"{REDIS_URL}?prefix=test-{uuid.uuid4().hex[:8]}:"
 
 
 @dataclass
@@ -65,7 +42,9 @@ class BotProcess:
         try:
             return await asyncio.wait_for(self.process.wait(), timeout)
         except TimeoutError:
-            raise AssertionError(f"{self.name} still running after {timeout} s; its log:\n{self.log()}") from None
+            raise AssertionError(
+                f"{self.name} still running after {timeout} s; its log:\n{self.log()}"
+            ) from None
 
 
 class BotProcesses:

@@ -1,0 +1,79 @@
+"""Many processes, one truth: two bot processes (shards 0 and 1 of 2) sharing one Redis store."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from tests.conftest import database_url
+from tests.processes import BotProcesses, bot_processes
+
+__all__ = ["bot_processes"]
+
+# Discord routes a guild to shard (guild_id >> 22) % shard_count: these two land on shards 0 and 1.
+SECOND_GUILD_ID = 1_300_000_000_004_194_304
+SECOND_CHANNEL_ID = 1_300_000_000_004_194_404
+USER = 3_333_333_333_333_333_333
+
+
+async def start_two_shards(processes: BotProcesses, tmp_path: Path, **env: str) -> tuple[str, list[object]]:
+    database = await database_url("redis", tmp_path)
+    processes.discord.add_guild(SECOND_GUILD_ID, SECOND_CHANNEL_ID, "Second Guild")
+    guilds = f"{processes.discord.guild_id},{SECOND_GUILD_ID}"
+    common = {"SHARD_COUNT": "2", "DISCORD_GUILD_IDS": guilds, **env}
+    first = await processes.start(database, ready_count=1, SHARD_IDS="0", **common)
+    second = await processes.start(database, ready_count=2, SHARD_IDS="1", **common)
+    return database, [first, second]
+
+
+async def test_the_quota_holds_exactly_across_two_processes(
+    bot_processes: BotProcesses, tmp_path: Path
+) -> None:
+    await start_two_shards(bot_processes, tmp_path, QUOTA_DAILY_IMAGES="3", QUOTA_MAX_CONCURRENT="10")
+    discord = bot_processes.discord
+    sends = []
+    for n in range(10):
+        where = (
+            {"guild_id": discord.guild_id, "channel_id": discord.channel_id}
+            if n % 2
+            else {"guild_id": SECOND_GUILD_ID, "channel_id": SECOND_CHANNEL_ID}
+        )
+        sends.append(
+            discord.send_slash_command("imagine", {"prompt": f"shared quota {n}"}, user_id=USER, **where)
+        )
+    handles = await asyncio.gather(*sends)
+    await discord.wait_for(lambda: all(h.callback is not None for h in handles), timeout=20)
+    refused = [h for h in handles if h.callback is not None and h.callback.type == 4]
+    accepted = [h for h in handles if h.callback is not None and h.callback.type == 5]
+    assert len(refused) == 7 and len(accepted) == 3
+    await discord.wait_for(
+        lambda: all(h.original is not None and h.original.attachments for h in accepted), timeout=60
+    )
+    assert len(bot_processes.segmind.stats.submits) == 3
+    # Both processes took commands: each shard answered the guild Discord routed to it.
+    answered_guilds = {h.guild_id for h in handles}
+    assert answered_guilds == {discord.guild_id, SECOND_GUILD_ID}
+
+
+async def test_a_job_started_on_one_process_is_resumed_by_the_other_and_delivered_once(
+    bot_processes: BotProcesses, tmp_path: Path
+) -> None:
+    _, (first, _second) = await start_two_shards(bot_processes, tmp_path)
+    discord = bot_processes.discord
+    handle = await discord.send_slash_command("imagine", {"prompt": "handed over", "samples": 2})
+    await handle.wait_for_callback()
+    await discord.wait_for(lambda: len(bot_processes.segmind.stats.submits) == 1, timeout=20)
+    first.kill()  # type: ignore[attr-defined]
+
+    await discord.wait_for(
+        lambda: handle.original is not None and bool(handle.original.attachments), timeout=60
+    )
+    await asyncio.sleep(2.0)  # room for a duplicate, were there one
+    uploads = [r for r in discord.requests if r.files]
+    assert len(uploads) == 1
+    assert len(bot_processes.segmind.stats.submits) == 1
+    assert second_log_mentions(bot_processes, "resumed")
+
+
+def second_log_mentions(processes: BotProcesses, text: str) -> bool:
+    return text in processes.started[1].log()
