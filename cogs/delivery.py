@@ -20,7 +20,7 @@ from discord.ext import commands
 
 from cogs import render
 from services.images import PreparedImage, prepare_for_upload
-from services.jobs import GeneratedImages, JobError, Progress, ProgressKind
+from services.jobs import GeneratedImages, JobError, Progress, ProgressKind, uninterruptible
 from services.request import GenerationRequest
 from services.segmind import InsufficientCredits, JobFailed
 from services.store.base import JobRecord
@@ -266,16 +266,24 @@ class JobRunner(commands.Cog):
             current = await self.bot.store.get_job(job.id) or job
             if current.finished:
                 return
-            message = JobMessage(self.bot, current)
-            progress = ProgressMessage(message.show)
             try:
-                generated = await self.bot.jobs.resume(current, progress.update)
-            except JobError as error:
-                await progress.finish()
-                await self.report_failure(message, error)
-                return
+                await self._carry_on(current)
+            except Exception:
+                # The job keeps its recorded state, so the next sweep tries it again.
+                log.exception("job %s: unexpected failure; it will be retried", job.id)
+
+    async def _carry_on(self, job: JobRecord) -> None:
+        message = JobMessage(self.bot, job)
+        progress = ProgressMessage(message.show)
+        try:
+            generated = await self.bot.jobs.resume(job, progress.update)
+        except JobError as error:
             await progress.finish()
-            await self.deliver(message, generated)
+            await uninterruptible(self.report_failure(message, error))
+            return
+        await progress.finish()
+        # Posting and recording the delivery go together, or a resumed job would be posted twice.
+        await uninterruptible(self.deliver(message, generated))
 
     async def deliver(self, message: JobMessage, generated: GeneratedImages) -> None:
         job, request = generated.job, generated.request

@@ -13,10 +13,10 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -37,6 +37,7 @@ from services.store.base import JobRecord, Store
 from services.store.base import JobState as StoredState
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CREDITS_FLAG = "segmind_out_of_credits"
 DEFAULT_RATE_LIMIT_WAIT = 5.0
@@ -88,6 +89,20 @@ class JobError(Exception):
     @property
     def request_id(self) -> str | None:
         return self.job.segmind_request_id
+
+
+async def uninterruptible(step: Awaitable[T]) -> T:
+    """Lets a step finish even if its caller is cancelled, then passes the cancellation on.
+
+    For steps whose effect outside (a submit, a posted message) must be recorded before the process stops.
+    """
+    task = asyncio.ensure_future(step)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
 
 
 class JobService:
@@ -189,13 +204,7 @@ class JobService:
         log.info("job %s: pending (user %d, %d image(s))", job.id, job.user_id, request.samples)
         # A cancellation (shutdown) must not fall between Segmind's 2xx and the record of its request id,
         # or the job would be submitted again on resume.
-        recording = asyncio.ensure_future(self._submit_and_record(job, request, on_progress))
-        try:
-            job, submitted = await asyncio.shield(recording)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await recording
-            raise
+        job, submitted = await uninterruptible(self._submit_and_record(job, request, on_progress))
         return await self.follow(job, submitted, on_progress)
 
     async def _submit_and_record(
