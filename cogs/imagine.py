@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
@@ -31,22 +31,6 @@ ASPECTS: dict[str, tuple[int, int]] = {
     "2:3": (832, 1216),
     "3:2": (1216, 832),
 }
-
-Scheduler = Literal[
-    "DDIM",
-    "DPM Multi",
-    "DPM Single",
-    "Euler a",
-    "Euler",
-    "Heun",
-    "DPM2 a Karras",
-    "DPM2 Karras",
-    "LMS",
-    "PNDM",
-    "DDPM",
-    "UniPC",
-]
-assert set(Scheduler.__args__) == set(SCHEDULERS)  # type: ignore[attr-defined]
 
 
 class Imagine(commands.Cog):
@@ -78,7 +62,8 @@ class Imagine(commands.Cog):
         aspect="Preset size, used when width and height are not given (default 1:1)",
     )
     @app_commands.choices(
-        aspect=[app_commands.Choice(name=f"{k} ({w}×{h})", value=k) for k, (w, h) in ASPECTS.items()]
+        scheduler=[app_commands.Choice(name=name, value=name) for name in SCHEDULERS],
+        aspect=[app_commands.Choice(name=f"{k} ({w}×{h})", value=k) for k, (w, h) in ASPECTS.items()],
     )
     async def imagine(
         self,
@@ -86,7 +71,7 @@ class Imagine(commands.Cog):
         prompt: app_commands.Range[str, 1, 1500],
         negative_prompt: app_commands.Range[str, 0, 1000] | None = None,
         samples: app_commands.Range[int, 1, 4] | None = None,
-        scheduler: Scheduler | None = None,
+        scheduler: str | None = None,
         steps: app_commands.Range[int, 20, 100] | None = None,
         guidance: app_commands.Range[float, 1.0, 25.0] | None = None,
         seed: app_commands.Range[int, -1, 999_999_999_999_999] | None = None,

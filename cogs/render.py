@@ -70,6 +70,17 @@ def progress_text(progress: Progress) -> str:
     return f"🎨 Generating… {progress.elapsed:.0f} s"
 
 
+def add_request_fields(embed: discord.Embed, request: GenerationRequest) -> None:
+    if request.negative_prompt:
+        embed.add_field(
+            name="Negative prompt",
+            value=quote_user_text(request.negative_prompt, EMBED_FIELD_LIMIT),
+            inline=False,
+        )
+    for name, value in describe_request(request):
+        embed.add_field(name=name, value=value)
+
+
 def describe_request(request: GenerationRequest) -> list[tuple[str, str]]:
     return [
         ("Scheduler", request.scheduler),
@@ -89,14 +100,7 @@ def result_embed(
         description=quote_user_text(request.prompt, EMBED_DESCRIPTION_LIMIT),
         colour=discord.Colour.blurple(),
     )
-    if request.negative_prompt:
-        embed.add_field(
-            name="Negative prompt",
-            value=quote_user_text(request.negative_prompt, EMBED_FIELD_LIMIT),
-            inline=False,
-        )
-    for name, value in describe_request(request):
-        embed.add_field(name=name, value=value)
+    add_request_fields(embed, request)
     if inference_time is not None:
         embed.add_field(name="Inference", value=f"{inference_time:.1f} s")
     embed.set_footer(text=truncate(f"Requested by {requester}", 200))
@@ -117,14 +121,7 @@ def imagine_command_line(request: GenerationRequest) -> str:
 def info_embed(request: GenerationRequest, request_id: str | None) -> discord.Embed:
     embed = discord.Embed(title="Generation parameters", colour=discord.Colour.dark_grey())
     embed.add_field(name="Prompt", value=quote_user_text(request.prompt, EMBED_FIELD_LIMIT), inline=False)
-    if request.negative_prompt:
-        embed.add_field(
-            name="Negative prompt",
-            value=quote_user_text(request.negative_prompt, EMBED_FIELD_LIMIT),
-            inline=False,
-        )
-    for name, value in describe_request(request):
-        embed.add_field(name=name, value=value)
+    add_request_fields(embed, request)
     if request_id:
         embed.add_field(name="Segmind request", value=f"`{request_id}`", inline=False)
     line = imagine_command_line(request).replace("```", "'''")
