@@ -91,3 +91,18 @@ async def wait_for_latest_job(stack: BotStack, state: JobState, timeout: float =
             f"latest job is {jobs[0].state if jobs else None}"
         )
         await asyncio.sleep(0.1)
+
+
+async def test_when_the_channel_refuses_the_result_goes_by_direct_message(make_stack: StackFactory) -> None:
+    stack = await make_stack(segmind_settings=slow_segmind())
+    handle = await stack.discord.send_slash_command("imagine", {"prompt": "by direct message"})
+    await handle.wait_for_callback()
+    stack.discord.expire_interaction_tokens()
+    stack.discord.inject("channel_message", status=403, count=1, code=50013)
+    dm_channel = stack.discord.dm_channel(USER)
+    await stack.discord.wait_for(
+        lambda: any(m.channel_id == dm_channel and m.attachments for m in stack.discord.messages.values()),
+        timeout=30,
+    )
+    await wait_for_latest_job(stack, JobState.DELIVERED)
+    assert len(image_messages(stack)) == 1
