@@ -417,6 +417,7 @@ class SegmindClient:
         expected_inference = self.durations.expected_inference(job.request)
         state: JobState | None = None
         processing_since: float | None = None
+        last_seen_queued = job.submitted_at
         while True:
             now = time.monotonic()
             delay = next_poll_delay(
@@ -440,11 +441,17 @@ class SegmindClient:
                     "content block" if failed.is_content_block else failed.error,
                 )
                 raise
-            elapsed = time.monotonic() - job.submitted_at
+            seen_at = time.monotonic()
+            elapsed = seen_at - job.submitted_at
+            if new_state is JobState.QUEUED:
+                last_seen_queued = seen_at
             if new_state is not state:
                 log.info("segmind %s: %s after %.1f s", job.request_id, new_state, elapsed)
                 if new_state is JobState.PROCESSING:
-                    processing_since = time.monotonic()
+                    # The job started somewhere between the last QUEUED answer and now; sparse polls
+                    # while queued would otherwise make every later estimate of its finish late.
+                    expected_start = job.submitted_at + self.durations.queue_seconds
+                    processing_since = min(seen_at, max(last_seen_queued, expected_start))
                 state = new_state
             if state is JobState.COMPLETED:
                 result = await self.result(job)
