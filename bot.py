@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import aiohttp
 import discord
@@ -20,6 +21,9 @@ from services.quota import QuotaGuard
 from services.segmind import RequestBudget, SegmindClient
 from services.store import Store, open_store
 from services.store.base import QuotaLimits
+
+if TYPE_CHECKING:
+    from cogs.delivery import JobRunner
 
 log = logging.getLogger("dreamshaper")
 
@@ -59,6 +63,8 @@ class DreamshaperBot(commands.AutoShardedBot):
         self.store: Store
         self.quota: QuotaGuard
         self.jobs: JobService
+        self.runner: JobRunner  # set by the cogs.delivery extension
+        self.accepting_jobs = True
         self._shutdown: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
@@ -110,6 +116,7 @@ class DreamshaperBot(commands.AutoShardedBot):
     async def close(self) -> None:
         # Signal handlers and `async with` may both close the bot; the first call does the work and
         # every caller waits for it, so the store is always closed before the process exits.
+        self.accepting_jobs = False
         if self._shutdown is None:
             self._shutdown = asyncio.create_task(self._close_everything())
         await asyncio.shield(self._shutdown)
@@ -147,6 +154,9 @@ def main() -> int:
         print(error, file=sys.stderr)
         return 2
     discord.utils.setup_logging(level=config.log_level_number, root=True)
+    # discord.py logs request URLs at DEBUG, and interaction webhook URLs carry the interaction token.
+    for name in ("discord.http", "discord.webhook.async_", "discord.gateway"):
+        logging.getLogger(name).setLevel(max(config.log_level_number, logging.INFO))
     point_discord_py_at(config.discord_api_base, config.discord_gateway_url)
     try:
         asyncio.run(run(config))

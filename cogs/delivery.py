@@ -23,7 +23,7 @@ from services.images import PreparedImage, prepare_for_upload
 from services.jobs import GeneratedImages, JobError, Progress, ProgressKind, uninterruptible
 from services.request import GenerationRequest
 from services.segmind import InsufficientCredits, JobFailed
-from services.store.base import JobRecord
+from services.store.base import JobRecord, JobState
 
 if TYPE_CHECKING:
     from bot import DreamshaperBot
@@ -35,8 +35,6 @@ PROGRESS_TICK_SECONDS = 5.0
 # Discord invalidates interaction tokens after 15 minutes; stop using one a little before that.
 TOKEN_LIFETIME = 15 * 60 - 30
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
-# Interaction-token failures: the 15 minutes passed, or the message was deleted.
-UNDELIVERABLE_CODES = {10008, 10015, 50027}
 SERVER_ERROR_ATTEMPTS = 3
 
 
@@ -92,6 +90,8 @@ class ProgressMessage:
             try:
                 await self._edit(text)
                 self._shown = text
+            except TokenExpired:
+                self._closed = True  # nothing more can be shown; the result will be posted elsewhere
             except discord.HTTPException as error:
                 log.warning("progress edit failed: %s", error)
 
@@ -190,8 +190,7 @@ class JobMessage:
         return await self._webhook.edit_message("@original", **fields)  # type: ignore[arg-type]
 
     async def show(self, text: str) -> None:
-        with contextlib.suppress(TokenExpired):
-            await self.edit(content=text)
+        await self.edit(content=text)
 
 
 class TokenExpired(Exception):
@@ -205,9 +204,10 @@ class JobRunner(commands.Cog):
         self.bot = bot
         self._running: dict[str, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
-        self.accepting = True
+        self._credits_reported_until = 0.0
 
     async def cog_load(self) -> None:
+        self.bot.runner = self
         self.bot.add_dynamic_items(JobButton)
         self._sweeper = asyncio.create_task(self._sweep_forever())
 
@@ -216,23 +216,24 @@ class JobRunner(commands.Cog):
 
     # -- lifecycle --
 
-    def start(self, job: JobRecord) -> asyncio.Task[None]:
+    def start(self, job: JobRecord) -> asyncio.Task[None] | None:
+        if not self.bot.accepting_jobs or job.id in self._running:
+            return None  # it is in the store: the next start (or another process) carries it on
         task = asyncio.create_task(self.execute(job), name=f"job-{job.id}")
         self._running[job.id] = task
         task.add_done_callback(lambda _t: self._running.pop(job.id, None))
         return task
 
     async def stop(self) -> None:
-        """No new jobs; running ones are cancelled after their state is written, to be resumed later."""
-        self.accepting = False
-        tasks = [t for t in [self._sweeper, *self._running.values()] if t is not None and not t.done()]
-        for task in tasks:
+        """Running jobs are cancelled after their state is written, to be resumed later."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        jobs = [task for task in self._running.values() if not task.done()]
+        for task in jobs:
             task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=8)
-        log.info(
-            "job runner stopped; %d job(s) left for the next start", len(tasks) - (self._sweeper is not None)
-        )
+        if jobs:
+            await asyncio.wait(jobs, timeout=8)
+        log.info("job runner stopped; %d running job(s) left to resume at the next start", len(jobs))
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -243,34 +244,40 @@ class JobRunner(commands.Cog):
             await asyncio.sleep(self.bot.jobs.lease_seconds)
 
     async def sweep(self) -> None:
-        """Resumes unfinished jobs that no live process holds; closes those past Segmind's retention."""
+        """Resumes unfinished jobs that no live process holds; closes those Segmind no longer keeps.
+
+        A completed job's images stay downloadable for days, so only jobs that still needed Segmind's
+        one-hour result are closed when they are older than that.
+        """
         fresh, stale = await self.bot.jobs.unfinished()
-        for job in fresh:
-            if job.id not in self._running and self.accepting:
-                self.start(job)
+        for job in [*fresh, *(job for job in stale if job.state is JobState.COMPLETED)]:
+            self.start(job)
         for job in stale:
-            async with self.bot.jobs.lease(job.id) as ours:
-                if ours:
-                    await self.bot.jobs.abandon(job, "past Segmind's one-hour retention")
-                    await self._tell_requester(
-                        job,
-                        f"⌛ <@{job.user_id}>, your image request could not be finished and was not charged.",
-                    )
+            if job.state is not JobState.COMPLETED and job.id not in self._running:
+                await self._close_stale(job)
+
+    async def _close_stale(self, job: JobRecord) -> None:
+        async with self.bot.jobs.lease(job.id) as ours:
+            current = await self.bot.store.get_job(job.id) if ours else None
+            if current is None or current.finished:
+                return
+            await self.bot.jobs.abandon(current, "past Segmind's one-hour retention")
+            await self._tell_requester(
+                current,
+                f"⌛ <@{current.user_id}>, your image request could not be finished; it was not charged.",
+            )
 
     # -- one job --
 
     async def execute(self, job: JobRecord) -> None:
-        async with self.bot.jobs.lease(job.id) as ours:
-            if not ours:
-                return
-            current = await self.bot.store.get_job(job.id) or job
-            if current.finished:
-                return
-            try:
-                await self._carry_on(current)
-            except Exception:
-                # The job keeps its recorded state, so the next sweep tries it again.
-                log.exception("job %s: unexpected failure; it will be retried", job.id)
+        try:
+            async with self.bot.jobs.lease(job.id) as ours:
+                current = await self.bot.store.get_job(job.id) if ours else None
+                if current is not None and not current.finished:
+                    await self._carry_on(current)
+        except Exception:
+            # The job keeps its recorded state, so the next sweep tries it again.
+            log.exception("job %s: unexpected failure; it will be retried", job.id)
 
     async def _carry_on(self, job: JobRecord) -> None:
         message = JobMessage(self.bot, job)
@@ -281,7 +288,8 @@ class JobRunner(commands.Cog):
             await progress.finish()
             await uninterruptible(self.report_failure(message, error))
             return
-        await progress.finish()
+        finally:
+            await progress.finish()  # also on an unexpected error, or the ticker would outlive the job
         # Posting and recording the delivery go together, or a resumed job would be posted twice.
         await uninterruptible(self.deliver(message, generated))
 
@@ -385,7 +393,9 @@ class JobRunner(commands.Cog):
         except (discord.HTTPException, TokenExpired):
             await self._tell_requester(error.job, f"<@{error.job.user_id}> {reply.text}")
         cause = error.cause
-        if isinstance(cause, InsufficientCredits):
+        if isinstance(cause, InsufficientCredits) and time.time() > self._credits_reported_until:
+            # Jobs queued behind the first one fail the same way; the admins need to hear it once.
+            self._credits_reported_until = time.time() + self.bot.config.credits_cooloff_seconds
             log.error("Segmind says the account is out of credits; new jobs are refused for a while")
             await self.post_mod_log(
                 "💳 Segmind reports the bot's account is **out of credits**. Top it up to resume."

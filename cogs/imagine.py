@@ -12,7 +12,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs import render
-from cogs.delivery import JobButton, JobMessage, JobRunner, answer_failure
+from cogs.delivery import JobButton, JobMessage, answer_failure
 from services.jobs import JobError
 from services.request import SCHEDULERS, GenerationRequest, RequestValidationError
 from services.store.base import JobRecord, JobState, QuotaRefusal, new_job_id
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PROMPT_MAX = 1500
+NEGATIVE_MAX = 1000
 ASPECTS: dict[str, tuple[int, int]] = {
     "1:1": (1024, 1024),
     "7:9": (896, 1152),
@@ -68,8 +70,8 @@ class Imagine(commands.Cog):
     async def imagine(
         self,
         interaction: discord.Interaction,
-        prompt: app_commands.Range[str, 1, 1500],
-        negative_prompt: app_commands.Range[str, 0, 1000] | None = None,
+        prompt: app_commands.Range[str, 1, PROMPT_MAX],
+        negative_prompt: app_commands.Range[str, 0, NEGATIVE_MAX] | None = None,
         samples: app_commands.Range[int, 1, 4] | None = None,
         scheduler: str | None = None,
         steps: app_commands.Range[int, 20, 100] | None = None,
@@ -111,7 +113,7 @@ class Imagine(commands.Cog):
         self, interaction: discord.Interaction, request: GenerationRequest, *, origin: str
     ) -> None:
         """Checks, reserves quota and acknowledges within Discord's 3 s, before any call to Segmind."""
-        if not self.runner.accepting:
+        if not self.bot.accepting_jobs:
             await send_ephemeral(interaction, "🔄 The bot is restarting; please try again in a minute.")
             return
         if await self.bot.jobs.credits_exhausted_until():
@@ -122,11 +124,6 @@ class Imagine(commands.Cog):
         if isinstance(reservation, QuotaRefusal):
             await send_ephemeral(interaction, render.quota_refusal_reply(reservation, request.samples))
             return
-        try:
-            await interaction.response.defer(thinking=True)
-        except discord.HTTPException:
-            await self.bot.quota.refund(reservation)
-            raise
         now = time.time()
         job = JobRecord(
             id=new_job_id(),
@@ -146,18 +143,22 @@ class Imagine(commands.Cog):
             upload_limit=interaction.filesize_limit,
             requester_name=user.display_name,
         )
-        self.runner.start(job)
-
-    @property
-    def runner(self) -> JobRunner:
-        runner = self.bot.get_cog("JobRunner")
-        assert isinstance(runner, JobRunner), "cogs.delivery must be loaded before cogs.imagine"
-        return runner
+        try:
+            await interaction.response.defer(thinking=True)
+            # From this record on, the job (and its reservation) belongs to whichever process runs it.
+            await self.bot.store.save_job(job)
+        except BaseException:
+            await self.bot.quota.refund(reservation)
+            raise
+        self.bot.runner.start(job)
 
     # -- buttons --
 
     async def on_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
         job = await self.bot.store.get_job(job_id)
+        if job is None and action == "delete" and interaction.permissions.manage_messages:
+            await self.delete_message(interaction, job_id)
+            return
         if job is None:
             await send_ephemeral(interaction, "This result is too old; its settings are no longer kept.")
             return
@@ -182,9 +183,12 @@ class Imagine(commands.Cog):
                 interaction, "Only the member who asked for these images, or a moderator, can delete them."
             )
             return
+        await self.delete_message(interaction, job.id)
+
+    async def delete_message(self, interaction: discord.Interaction, job_id: str) -> None:
         await interaction.response.defer()
         await interaction.delete_original_response()
-        log.info("job %s: result deleted by %d", job.id, interaction.user.id)
+        log.info("job %s: result deleted by %d", job_id, interaction.user.id)
 
     @app_commands.command(
         name="jobs", description="Your recent image requests, and results that could not be posted"
@@ -203,24 +207,35 @@ class Imagine(commands.Cog):
 
     async def resend(self, interaction: discord.Interaction, job: JobRecord) -> None:
         """Delivers a finished job's images into this interaction, for results that could not be posted."""
-        if interaction.user.id != job.user_id or not can_resend(job):
-            await send_ephemeral(interaction, "Only your own results that could not be posted can be resent.")
+        if interaction.user.id != job.user_id:
+            await send_ephemeral(
+                interaction, "Only the member who asked for these images can have them resent."
+            )
             return
-        await interaction.response.defer(thinking=True)
-        request = GenerationRequest.from_payload(job.request)
-        try:
-            generated = await self.bot.jobs.recover_images(job, request)
-        except JobError as error:
-            await interaction.edit_original_response(content=render.job_failure_reply(error).text)
-            return
-        resent = replace(
-            generated.job,
-            application_id=interaction.application_id,
-            interaction_token=interaction.token,
-            interaction_created_at=interaction.created_at.timestamp(),
-            upload_limit=interaction.filesize_limit,
-        )
-        await self.runner.deliver(JobMessage(self.bot, resent), replace(generated, job=resent))
+        async with self.bot.jobs.lease(job.id) as ours:
+            # The lease and a fresh read make a second press (or another process) see it already resent.
+            current = await self.bot.store.get_job(job.id) if ours else None
+            if current is None or not can_resend(current):
+                await send_ephemeral(interaction, "These images have already been posted: see `/jobs`.")
+                return
+            await interaction.response.defer(thinking=True)
+            try:
+                generated = await self.bot.jobs.recover_images(
+                    current, GenerationRequest.from_payload(current.request)
+                )
+            except JobError as error:
+                await interaction.edit_original_response(content=render.job_failure_reply(error).text)
+                return
+            resent = replace(
+                generated.job,
+                channel_id=interaction.channel_id,
+                guild_id=interaction.guild_id,
+                application_id=interaction.application_id,
+                interaction_token=interaction.token,
+                interaction_created_at=interaction.created_at.timestamp(),
+                upload_limit=interaction.filesize_limit,
+            )
+            await self.bot.runner.deliver(JobMessage(self.bot, resent), replace(generated, job=resent))
 
 
 def can_resend(job: JobRecord) -> bool:
@@ -241,6 +256,13 @@ def build_request(
     aspect: str | None,
 ) -> GenerationRequest:
     """Omitted options take the API's defaults; the size comes from width/height, else the aspect preset."""
+    # Discord's client enforces these lengths, but a raw interaction can carry any text.
+    for name, text, limit in (
+        ("prompt", prompt, PROMPT_MAX),
+        ("negative_prompt", negative_prompt, NEGATIVE_MAX),
+    ):
+        if isinstance(text, str) and len(text) > limit:
+            raise RequestValidationError(name, f"{len(text)} characters", f"at most {limit} characters")
     if aspect is not None and aspect not in ASPECTS:
         raise RequestValidationError("aspect", aspect, f"one of {', '.join(ASPECTS)}")
     preset_width, preset_height = ASPECTS[aspect or "1:1"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import discord
 from discord.app_commands import AppCommandError, TransformerError
 
-from services.jobs import DownloadFailed, JobError, Progress, ProgressKind
+from services.jobs import DownloadFailed, JobError, Progress, ProgressKind, SubmitInterrupted
 from services.request import GenerationRequest, RequestValidationError
 from services.segmind import (
     BadRequest,
@@ -154,7 +154,10 @@ def quota_refusal_reply(refusal: QuotaRefusal, requested: int) -> str:
 def quota_usage_embed(usage: QuotaUsage, *, exempt: bool) -> discord.Embed:
     embed = discord.Embed(title="Your image quota", colour=discord.Colour.green())
     if exempt:
-        embed.description = "Your role is exempt from the quota."
+        embed.description = (
+            f"Your role has no quota. You generated {usage.used_images} image(s) in the last 24 hours."
+        )
+        return embed
     embed.add_field(name="Used (24 h)", value=f"{usage.used_images} / {usage.daily_limit}")
     embed.add_field(name="Left", value=str(usage.remaining_images))
     embed.add_field(name="Running now", value=f"{usage.in_flight} / {usage.max_concurrent}")
@@ -216,6 +219,11 @@ def job_failure_reply(error: JobError) -> FailureReply:
     )
     if isinstance(cause, InsufficientCredits):
         return FailureReply(credits_exhausted_reply())
+    if isinstance(cause, SubmitInterrupted):
+        return FailureReply(
+            "🔄 The bot restarted while sending your request to Segmind. So that nothing is ever paid for twice "
+            "it was not sent again, and it did not count toward your quota. Please try again."
+        )
     if isinstance(cause, RateLimited):
         when = relative_time(error.retry_at) if error.retry_at else "in a few minutes"
         return FailureReply(f"🕒 Segmind is rate limiting the bot. Please try again {when}.{charged}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -76,7 +77,7 @@ class Config:
             "rate_limit_max_wait_seconds": reader.get(
                 "RATE_LIMIT_MAX_WAIT_SECONDS", _positive_float, cls.rate_limit_max_wait_seconds
             ),
-            "job_lease_seconds": reader.get("JOB_LEASE_SECONDS", _positive_float, cls.job_lease_seconds),
+            "job_lease_seconds": reader.get("JOB_LEASE_SECONDS", _at_least_one_second, cls.job_lease_seconds),
             "shard_count": reader.get("SHARD_COUNT", _int_at_least(1), None),
             "shard_ids": reader.get("SHARD_IDS", _shard_ids, None),
             "discord_api_base": reader.get("DISCORD_API_BASE", _http_url, None),
@@ -111,9 +112,20 @@ class _EnvReader:
         try:
             return parse(raw)
         except ValueError as exc:
-            # The raw value is echoed only for non-secret variables, which is all of these.
-            self.problems.append(f"{name}={raw!r} is invalid: {exc}")
+            self.problems.append(f"{name}={_without_credentials(raw)!r} is invalid: {exc}")
             return default
+
+
+def _without_credentials(raw: str) -> str:
+    """URLs such as DATABASE_URL may carry a password; an error message must not repeat it."""
+    return re.sub(r"^([A-Za-z][\w+.-]*:/*)?[^@]*@", lambda m: f"{m.group(1) or ''}***@", raw)
+
+
+def _at_least_one_second(raw: str) -> float:
+    value = _positive_float(raw)
+    if value < 1:
+        raise ValueError("expected at least 1 second")
+    return value
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:

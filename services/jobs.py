@@ -72,6 +72,10 @@ class GeneratedImages:
     inference_time: float | None
 
 
+class SubmitInterrupted(Exception):
+    """The process stopped while a submit was on its way, so whether Segmind accepted it is unknown."""
+
+
 class DownloadFailed(Exception):
     """An output could not be fetched or decoded."""
 
@@ -146,27 +150,39 @@ class JobService:
 
     @contextlib.asynccontextmanager
     async def lease(self, job_id: str) -> AsyncIterator[bool]:
-        """Holds the job's lease (renewed in the background) for the block; yields False if another owns it."""
-        if not await self.store.acquire_lease(job_id, self.owner, self.lease_seconds, self._clock()):
+        """Holds the job's lease (renewed in the background) for the block; yields False if another owns it.
+
+        Each holder gets an owner name of its own, so two tasks of one process exclude each other too.
+        """
+        owner = f"{self.owner}:{secrets.token_hex(3)}"
+        if not await self.store.acquire_lease(job_id, owner, self.lease_seconds, self._clock()):
             yield False
             return
-        renewer = asyncio.create_task(self._renew_lease(job_id))
+        renewer = asyncio.create_task(self._renew_lease(job_id, owner, asyncio.current_task()))
         try:
             yield True
         finally:
             renewer.cancel()
             # Released even when the block is cancelled at shutdown, so the next process resumes at once.
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.store.release_lease(job_id, self.owner))
+                await asyncio.shield(self.store.release_lease(job_id, owner))
 
-    async def _renew_lease(self, job_id: str) -> None:
+    async def _renew_lease(self, job_id: str, owner: str, holder: asyncio.Task[Any] | None) -> None:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
             try:
-                if not await self.store.acquire_lease(job_id, self.owner, self.lease_seconds, self._clock()):
-                    log.error("job %s: lost its lease to another process", job_id)
+                renewed = await self.store.acquire_lease(
+                    job_id, owner, self.lease_seconds, self._clock()
+                )
             except Exception:
                 log.warning("job %s: could not renew its lease", job_id, exc_info=True)
+                continue
+            if not renewed:
+                # Another process took the job over (our renewals failed for too long): it drives it now.
+                log.error("job %s: lost its lease to another process; stopping here", job_id)
+                if holder is not None:
+                    holder.cancel()
+                return
 
     # -- running --
 
@@ -182,6 +198,10 @@ class JobService:
         """Carries a recorded job on from its last state; a job Segmind accepted is never submitted again."""
         if job.state is StoredState.PENDING:
             return await self.run(job, on_progress)
+        if job.state is StoredState.SUBMITTING:
+            # Segmind has no idempotency key: sending it again could bill twice, so it is closed instead.
+            job = await self.abandon(job, "interrupted while being submitted")
+            raise JobError(SubmitInterrupted(), job=job, billed=False)
         request = GenerationRequest.from_payload(job.request)
         if job.state is StoredState.SUBMITTED and job.segmind_request_id:
             log.info("job %s: resumed, following %s", job.id, job.segmind_request_id)
@@ -202,18 +222,8 @@ class JobService:
         request = GenerationRequest.from_payload(job.request).with_concrete_seed()
         job = await self.record(job, request=request.to_payload(), state=StoredState.PENDING)
         log.info("job %s: pending (user %d, %d image(s))", job.id, job.user_id, request.samples)
-        # A cancellation (shutdown) must not fall between Segmind's 2xx and the record of its request id,
-        # or the job would be submitted again on resume.
-        job, submitted = await uninterruptible(self._submit_and_record(job, request, on_progress))
+        job, submitted = await self._submit(job, request, on_progress)
         return await self.follow(job, submitted, on_progress)
-
-    async def _submit_and_record(
-        self, job: JobRecord, request: GenerationRequest, on_progress: ProgressCallback
-    ) -> tuple[JobRecord, SubmittedJob]:
-        submitted = await self._submit(job, request, on_progress)
-        job = await self.record(job, segmind_request_id=submitted.request_id, state=StoredState.SUBMITTED)
-        log.info("job %s: submitted as %s", job.id, submitted.request_id)
-        return job, submitted
 
     async def follow(
         self, job: JobRecord, submitted: SubmittedJob, on_progress: ProgressCallback
@@ -278,16 +288,14 @@ class JobService:
 
     async def _submit(
         self, job: JobRecord, request: GenerationRequest, on_progress: ProgressCallback
-    ) -> SubmittedJob:
-        def waiting_for_slot(position: int, _seconds: float) -> None:
-            on_progress(Progress(ProgressKind.WAITING_FOR_SLOT, position=position))
-
+    ) -> tuple[JobRecord, SubmittedJob]:
         waited = 0.0
         while True:
             try:
-                return await self.client.submit(request, on_budget_wait=waiting_for_slot)
+                return await self._submit_once(job, request, on_progress)
             except RateLimited as limited:
                 # A 429 means the job was not accepted, so submitting again later cannot double-bill.
+                await self.record(job, state=StoredState.PENDING)
                 wait = limited.seconds_until_reset() or DEFAULT_RATE_LIMIT_WAIT
                 retry_at = self._clock() + wait
                 if waited + wait > self.rate_limit_max_wait:
@@ -302,6 +310,41 @@ class JobService:
                     await self.store.set_flag(CREDITS_FLAG, self._clock() + self.credits_cooloff)
                 await self._fail(job, error, billed=False)
                 raise JobError(error, job=job, billed=False) from error
+
+    async def _submit_once(
+        self, job: JobRecord, request: GenerationRequest, on_progress: ProgressCallback
+    ) -> tuple[JobRecord, SubmittedJob]:
+        """One submit. Once it is on its way, a cancellation (shutdown) waits for Segmind's answer and its
+        record; before that, it simply stops."""
+        on_its_way = False
+
+        async def record_submitting() -> None:
+            nonlocal on_its_way
+            await self.record(job, state=StoredState.SUBMITTING)
+            on_its_way = True
+
+        def waiting_for_slot(position: int, _seconds: float) -> None:
+            on_progress(Progress(ProgressKind.WAITING_FOR_SLOT, position=position))
+
+        async def submit_and_record() -> tuple[JobRecord, SubmittedJob]:
+            submitted = await self.client.submit(
+                request, on_budget_wait=waiting_for_slot, before_send=record_submitting
+            )
+            recorded = await self.record(
+                job, segmind_request_id=submitted.request_id, state=StoredState.SUBMITTED
+            )
+            log.info("job %s: submitted as %s", job.id, submitted.request_id)
+            return recorded, submitted
+
+        attempt = asyncio.ensure_future(submit_and_record())
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            if not on_its_way:
+                attempt.cancel()
+            with contextlib.suppress(BaseException):
+                await attempt
+            raise
 
     async def _wait(self, submitted: SubmittedJob, on_progress: ProgressCallback) -> JobResult:
         started_at: float | None = None  # seconds after submit when the job was first seen running

@@ -15,7 +15,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 RESET_HEADER = "x-rate-limit-reset-at-utc"
 FIRST_POLL_DELAY = 0.75
 MAX_RATE_LIMITED_WAITS = 10
+# Segmind reports content blocks only as FAILED with an error text; these are the words such texts use.
 _CONTENT_BLOCK = re.compile(
-    r"\b(rai|nsfw|content|safety|moderat\w*|polic(y|ies)|inappropriate|prohibited|blocked)\b", re.IGNORECASE
+    r"\b(rai|nsfw|unsafe|safety|moderation|inappropriate|prohibited)\b"
+    r"|\bcontent (filter|policy|moderation|violation)|\bblocked by",
+    re.IGNORECASE,
 )
 _CREDITS = re.compile(r"credit|balance|insufficient", re.IGNORECASE)
 
@@ -47,9 +50,7 @@ class JobState(StrEnum):
 
 
 class SegmindError(Exception):
-    """Base of every client error. `billed` tells the quota guard whether Segmind may have charged."""
-
-    billed = False
+    """Base of every client error; the subclasses say what went wrong so the bot can answer each."""
 
     def __init__(self, message: str, *, status: int | None = None, request_id: str | None = None) -> None:
         super().__init__(message)
@@ -118,8 +119,6 @@ class JobFailed(SegmindError):
 
 class JobTimeout(SegmindError):
     """The wait passed its deadline; the job may still finish on Segmind's side."""
-
-    billed = True
 
     def __init__(self, *, request_id: str, waited: float) -> None:
         super().__init__(f"no result after {waited:.0f} s", request_id=request_id)
@@ -347,13 +346,26 @@ class SegmindClient:
     # -- v2 queue --
 
     async def submit(
-        self, request: GenerationRequest, *, on_budget_wait: Callable[[int, float], None] | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        on_budget_wait: Callable[[int, float], None] | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> SubmittedJob:
-        """Queues one job. Sent at most once: only a connection that never opened is tried again."""
+        """Queues one job. Sent at most once: only a connection that never opened is tried again.
+
+        `before_send` is awaited just before the request leaves, once a budget slot is granted, so the caller
+        can record that from now on the job may exist at Segmind.
+        """
         request = request.with_concrete_seed()
         url = f"{self.base_url}/v2/{self.model}"
         reply = await self._send(
-            "POST", url, payload=request.to_payload(), idempotent=False, on_budget_wait=on_budget_wait
+            "POST",
+            url,
+            payload=request.to_payload(),
+            idempotent=False,
+            on_budget_wait=on_budget_wait,
+            before_send=before_send,
         )
         body = self._raise_for_status(reply)
         try:
@@ -433,7 +445,15 @@ class SegmindClient:
                 raise JobTimeout(request_id=job.request_id, waited=now - job.submitted_at)
             await asyncio.sleep(min(delay, deadline_at - now))
             try:
-                new_state = await self.status(job)
+                # Retries and rate-limit waits inside one status check must not outlast the deadline either.
+                async with asyncio.timeout(max(0.1, deadline_at - time.monotonic())) as limit:
+                    new_state = await self.status(job)
+            except TimeoutError:
+                if not limit.expired():
+                    raise
+                raise JobTimeout(
+                    request_id=job.request_id, waited=time.monotonic() - job.submitted_at
+                ) from None
             except JobFailed as failed:
                 log.info(
                     "segmind %s: FAILED (%s)",
@@ -493,11 +513,14 @@ class SegmindClient:
         payload: dict[str, Any] | None = None,
         idempotent: bool,
         on_budget_wait: Callable[[int, float], None] | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
         timeout: aiohttp.ClientTimeout | None = None,
     ) -> _Reply:
         attempts = rate_limited = 0
         while True:
             await self.budget.acquire(on_budget_wait)
+            if before_send is not None:
+                await before_send()
             failure: Exception
             try:
                 reply = await self._exchange(method, url, payload, timeout or self._timeout)

@@ -106,3 +106,39 @@ async def test_when_the_channel_refuses_the_result_goes_by_direct_message(make_s
     )
     await wait_for_latest_job(stack, JobState.DELIVERED)
     assert len(image_messages(stack)) == 1
+
+
+async def test_pressing_resend_twice_posts_once(make_stack: StackFactory) -> None:
+    stack = await make_stack(segmind_settings=slow_segmind())
+    handle = await stack.discord.send_slash_command("imagine", {"prompt": "only once please"})
+    await handle.wait_for_callback()
+    stack.discord.expire_interaction_tokens()
+    stack.discord.inject("channel_message", status=403, count=10, code=50013)
+    await wait_for_latest_job(stack, JobState.FAILED, timeout=30)
+    listing = await stack.discord.send_slash_command("jobs")
+    await stack.settled(listing)
+    assert listing.original is not None
+    button = next(
+        c["custom_id"]
+        for row in listing.original.components
+        for c in row["components"]
+        if "resend" in c["custom_id"]
+    )
+    first, second = await asyncio.gather(
+        stack.discord.press_button(listing.original, button),
+        stack.discord.press_button(listing.original, button),
+    )
+    await stack.settled(first)
+    await stack.settled(second)
+    await asyncio.sleep(1.0)
+    assert len(image_messages(stack)) == 1
+
+
+async def test_commands_during_shutdown_are_told_to_come_back(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    stack.bot.accepting_jobs = False  # what close() sets first, while the gateway is still connected
+    handle = await stack.imagine(prompt="too late")
+    callback = handle.callback
+    assert callback is not None and "restarting" in callback.data["content"]
+    assert stack.segmind.stats.submits == []
+    assert (await stack.bot.quota.usage(USER)).used_images == 0

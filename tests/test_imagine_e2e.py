@@ -98,6 +98,7 @@ async def test_out_of_range_values_from_a_raw_interaction_are_refused_and_nothin
         ([("scheduler", 3, "Turbo")], "scheduler", "UniPC"),
         ([("seed", 4, 10**15)], "seed", "999999999999999"),
         ([("aspect", 3, "16:9")], "aspect", "1:1"),
+        ([("negative_prompt", 3, "x" * 5000)], "negative_prompt", "at most 1000 characters"),
     ]
     for extra, option, allowed in cases:
         raw = [{"name": "prompt", "type": 3, "value": "a cat"}] + [
@@ -107,11 +108,12 @@ async def test_out_of_range_values_from_a_raw_interaction_are_refused_and_nothin
         await stack.settled(handle)
         text = ephemeral_text(handle)
         assert f"`{option}`" in text and allowed in text, text
-    blank = await stack.discord.send_slash_command(
-        "imagine", raw_options=[{"name": "prompt", "type": 3, "value": "   "}]
-    )
-    await stack.settled(blank)
-    assert "`prompt`" in ephemeral_text(blank)
+    for prompt, allowed in (("   ", "non-blank"), ("y" * 6000, "at most 1500 characters")):
+        bad = await stack.discord.send_slash_command(
+            "imagine", raw_options=[{"name": "prompt", "type": 3, "value": prompt}]
+        )
+        await stack.settled(bad)
+        assert "`prompt`" in ephemeral_text(bad) and allowed in ephemeral_text(bad)
     assert stack.segmind.stats.submits == []
     usage = await stack.bot.quota.usage(1_111_111_111_111_111_111)
     assert usage.used_images == 0 and usage.in_flight == 0

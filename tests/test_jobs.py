@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from devtools.segmind_server import SegmindServer, SegmindServerSettings
-from services.jobs import DownloadFailed, JobError, JobService, Progress, ProgressKind
+from services.jobs import DownloadFailed, JobError, JobService, Progress, ProgressKind, SubmitInterrupted
 from services.quota import QuotaGuard
 from services.request import GenerationRequest
 from services.segmind import (
@@ -189,3 +189,34 @@ async def test_jobs_waiting_for_the_request_budget_are_told_their_place(
     positions = [p.position for progress in seen for p in progress if p.kind is ProgressKind.WAITING_FOR_SLOT]
     assert 2 in positions
     assert len(server.stats.submits) == 3
+
+
+async def test_a_job_interrupted_while_submitting_is_never_sent_again(
+    service: JobService, server: SegmindServer, store: Store
+) -> None:
+    job = await new_job(service, GenerationRequest(prompt="in doubt"))
+    await store.save_job(job.evolve(time.time(), state=JobState.SUBMITTING))
+    with pytest.raises(JobError) as caught:
+        await service.resume(job.evolve(time.time(), state=JobState.SUBMITTING), lambda _p: None)
+    assert isinstance(caught.value.cause, SubmitInterrupted)
+    assert server.stats.submits == []
+    assert (await service.quota.usage(USER)).in_flight == 0
+    stored = await store.get_job(job.id)
+    assert stored is not None and stored.state is JobState.FAILED
+
+
+async def test_a_submit_records_that_it_is_on_its_way_before_it_leaves(
+    service: JobService, server: SegmindServer, store: Store
+) -> None:
+    server.inject("slow", target="submit", seconds=1.0)
+    job = await new_job(service, GenerationRequest(prompt="on its way"))
+    running = asyncio.create_task(service.run(job, lambda _p: None))
+    await asyncio.sleep(0.5)
+    stored = await store.get_job(job.id)
+    assert stored is not None and stored.state is JobState.SUBMITTING
+    # Cancelling now (a shutdown) waits for Segmind's answer so its request id is kept.
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    stored = await store.get_job(job.id)
+    assert stored is not None and stored.state is JobState.SUBMITTED and stored.segmind_request_id

@@ -101,3 +101,33 @@ async def test_a_job_killed_before_its_submit_is_submitted_once_after_restart(
     await wait_for_images(bot_processes, handle)
     assert len(bot_processes.segmind.stats.submits) == 1
     assert deliveries(bot_processes, handle) == 1
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_sigterm_while_a_submit_hangs_never_submits_twice(
+    bot_processes: BotProcesses, tmp_path: Path, store: str
+) -> None:
+    database = await database_url(store, tmp_path)
+    first = await bot_processes.start(database, ready_count=1)
+    # Segmind takes the job at once but its answer is slow to come back.
+    bot_processes.segmind.inject("slow", target="submit", seconds=20.0)
+    handle = await bot_processes.discord.send_slash_command("imagine", {"prompt": "answer in doubt"})
+    await handle.wait_for_callback()
+    await wait_for_submit(bot_processes)
+    stopping = time.monotonic()
+    first.terminate()
+    assert await first.wait(15) == 0
+    assert time.monotonic() - stopping < 10
+
+    await bot_processes.start(database, ready_count=2)
+    original = handle.original
+    await bot_processes.discord.wait_for(
+        lambda: (
+            original is not None and not original.loading and not original.content.startswith(("⏳", "📨"))
+        ),
+        timeout=20,
+    )
+    await asyncio.sleep(3.0)  # a second submit, were there one, would have been sent by now
+    assert len(bot_processes.segmind.stats.requests_to("submit")) == 1
+    assert deliveries(bot_processes, handle) == 0
+    assert original is not None and "restarted while sending" in original.content

@@ -497,7 +497,7 @@ async def test_unfinished_jobs_filters_by_state_and_age(store: Store) -> None:
 
     found = await store.unfinished_jobs(created_after=NOW - HOUR)
     assert [job.id for job in found] == [
-        jobs[s].id for s in (JobState.PENDING, JobState.SUBMITTED, JobState.COMPLETED)
+        jobs[s].id for s in (JobState.PENDING, JobState.SUBMITTING, JobState.SUBMITTED, JobState.COMPLETED)
     ]
     assert (await store.unfinished_jobs(NOW - 3 * HOUR))[0].id == old.id
     # created_after is exclusive.
@@ -506,7 +506,11 @@ async def test_unfinished_jobs_filters_by_state_and_age(store: Store) -> None:
     await store.save_job(jobs[JobState.SUBMITTED].evolve(NOW + 10, state=JobState.FAILED, error="boom"))
     await store.save_job(old.evolve(NOW + 10, state=JobState.DELIVERED))
     remaining = await store.unfinished_jobs(NOW - 3 * HOUR)
-    assert [job.id for job in remaining] == [jobs[JobState.PENDING].id, jobs[JobState.COMPLETED].id]
+    assert [job.id for job in remaining] == [
+        jobs[JobState.PENDING].id,
+        jobs[JobState.SUBMITTING].id,
+        jobs[JobState.COMPLETED].id,
+    ]
 
 
 async def test_recent_jobs_newest_first_per_user(store: Store) -> None:

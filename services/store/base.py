@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
 
 class JobState(StrEnum):
     PENDING = "pending"  # recorded, quota reserved, not yet submitted to Segmind
+    # The submit is on its way: if the process dies now, nobody knows whether Segmind accepted it, so
+    # the job must not be submitted again.
+    SUBMITTING = "submitting"
     SUBMITTED = "submitted"  # Segmind accepted it; segmind_request_id known; being polled
     COMPLETED = "completed"  # images obtained; delivery to Discord pending
     DELIVERED = "delivered"  # terminal
     FAILED = "failed"  # terminal
 
 
-UNFINISHED: frozenset[JobState] = frozenset({JobState.PENDING, JobState.SUBMITTED, JobState.COMPLETED})
+UNFINISHED: frozenset[JobState] = frozenset(
+    {JobState.PENDING, JobState.SUBMITTING, JobState.SUBMITTED, JobState.COMPLETED}
+)
 FINISHED: frozenset[JobState] = frozenset(JobState) - UNFINISHED
 
 JOB_ID_BYTES = 9  # 9 random bytes -> 12 url-safe characters, short enough for button custom_ids
@@ -43,7 +48,7 @@ class JobRecord:
     created_at: float
     updated_at: float
     interaction_id: int | None = None
-    interaction_token: str | None = None
+    interaction_token: str | None = field(default=None, repr=False)
     interaction_created_at: float | None = None
     message_id: int | None = None
     application_id: int | None = None
