@@ -151,6 +151,14 @@ def result_view(job_id: str) -> discord.ui.View:
     return view
 
 
+def _carries_job(message: discord.Message, job_id: str) -> bool:
+    return any(
+        getattr(child, "custom_id", None) == f"ds:reroll:{job_id}"
+        for row in message.components
+        for child in getattr(row, "children", [])
+    )
+
+
 def discord_files(prepared: list[PreparedImage]) -> list[discord.File]:
     # A File is consumed by one upload, so every attempt builds fresh ones.
     return [discord.File(io.BytesIO(image.data), filename=image.filename) for image in prepared]
@@ -280,6 +288,8 @@ class JobRunner(commands.Cog):
             log.exception("job %s: unexpected failure; it will be retried", job.id)
 
     async def _carry_on(self, job: JobRecord) -> None:
+        if job.state is JobState.COMPLETED and await self._posted_before(job):
+            return
         message = JobMessage(self.bot, job)
         progress = ProgressMessage(message.show)
         try:
@@ -354,6 +364,24 @@ class JobRunner(commands.Cog):
             except discord.HTTPException as error:
                 log.warning("job %s: could not post the result (%s); trying the next place", job.id, error)
         return None
+
+    async def _posted_before(self, job: JobRecord) -> bool:
+        """A process stopped between posting a result in the channel and recording it: find that post.
+
+        Edits of the original response can simply be repeated, but a second channel post would be a
+        duplicate, so the channel's recent messages are searched for this job's buttons first.
+        """
+        if job.channel_id is None or self.bot.user is None:
+            return False
+        try:
+            channel = await self.channel(job.channel_id)
+            async for message in channel.history(limit=50):
+                if message.author.id == self.bot.user.id and _carries_job(message, job.id):
+                    await self.bot.jobs.mark_delivered(job, message_id=message.id)
+                    return True
+        except (discord.HTTPException, LookupError) as error:
+            log.info("job %s: could not search the channel for an earlier post: %s", job.id, error)
+        return False
 
     async def _destinations(self, job: JobRecord) -> list[discord.abc.Messageable]:
         destinations: list[discord.abc.Messageable] = []

@@ -143,12 +143,17 @@ class Imagine(commands.Cog):
             upload_limit=interaction.filesize_limit,
             requester_name=user.display_name,
         )
+        # Saved before Discord shows "thinking…": from this record on, the job and its reservation belong
+        # to whichever process runs it, even if this one dies a millisecond later.
         try:
-            await interaction.response.defer(thinking=True)
-            # From this record on, the job (and its reservation) belongs to whichever process runs it.
             await self.bot.store.save_job(job)
         except BaseException:
             await self.bot.quota.refund(reservation)
+            raise
+        try:
+            await interaction.response.defer(thinking=True)
+        except BaseException:
+            await self.bot.jobs.abandon(job, "the interaction could not be acknowledged")
             raise
         self.bot.runner.start(job)
 
