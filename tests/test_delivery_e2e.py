@@ -50,11 +50,7 @@ async def test_a_deleted_message_gets_its_result_in_the_channel(make_stack: Stac
 
 async def test_an_undeliverable_result_can_be_fetched_from_jobs(make_stack: StackFactory) -> None:
     stack = await make_stack(segmind_settings=slow_segmind())
-    handle = await stack.discord.send_slash_command("imagine", {"prompt": "nowhere to go"})
-    await handle.wait_for_callback()
-    stack.discord.expire_interaction_tokens()
-    stack.discord.inject("channel_message", status=403, count=10, code=50013)
-    await wait_for_latest_job(stack, JobState.FAILED, timeout=30)
+    await make_undeliverable(stack, "nowhere to go")
 
     listing = await stack.discord.send_slash_command("jobs")
     await stack.settled(listing)
@@ -79,6 +75,15 @@ async def test_jobs_lists_delivered_results_with_a_link(make_stack: StackFactory
     description = listing.callback.data["embeds"][0]["description"]
     assert "for the history" in description and "posted" in description
     assert f"/{handle.original.id})" in description
+
+
+async def make_undeliverable(stack: BotStack, prompt: str) -> None:
+    """A result with nowhere to go: the token expired, and neither the channel nor a DM takes it."""
+    handle = await stack.discord.send_slash_command("imagine", {"prompt": prompt})
+    await handle.wait_for_callback()
+    stack.discord.expire_interaction_tokens()
+    stack.discord.inject("channel_message", status=403, count=10, code=50013)
+    await wait_for_latest_job(stack, JobState.FAILED, timeout=30)
 
 
 async def wait_for_latest_job(stack: BotStack, state: JobState, timeout: float = 15) -> None:
@@ -110,11 +115,7 @@ async def test_when_the_channel_refuses_the_result_goes_by_direct_message(make_s
 
 async def test_pressing_resend_twice_posts_once(make_stack: StackFactory) -> None:
     stack = await make_stack(segmind_settings=slow_segmind())
-    handle = await stack.discord.send_slash_command("imagine", {"prompt": "only once please"})
-    await handle.wait_for_callback()
-    stack.discord.expire_interaction_tokens()
-    stack.discord.inject("channel_message", status=403, count=10, code=50013)
-    await wait_for_latest_job(stack, JobState.FAILED, timeout=30)
+    await make_undeliverable(stack, "only once please")
     listing = await stack.discord.send_slash_command("jobs")
     await stack.settled(listing)
     assert listing.original is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from devtools.discord_server import InteractionHandle
-from tests.processes import BotProcesses, bot_processes, database_url
+from tests.processes import BotProcess, BotProcesses, bot_processes, database_url
 
 __all__ = ["bot_processes"]
 
@@ -31,6 +31,16 @@ async def wait_for_submit(processes: BotProcesses, count: int = 1) -> None:
     await processes.discord.wait_for(lambda: len(processes.segmind.stats.submits) >= count, timeout=20)
 
 
+async def start_one_job(
+    processes: BotProcesses, database: str, prompt: str, **options: object
+) -> tuple[BotProcess, InteractionHandle]:
+    """The first bot process, with one /imagine acknowledged."""
+    first = await processes.start(database, ready_count=1)
+    handle = await processes.discord.send_slash_command("imagine", {"prompt": prompt, **options})
+    await handle.wait_for_callback()
+    return first, handle
+
+
 async def wait_for_images(processes: BotProcesses, handle: InteractionHandle, timeout: float = 40) -> None:
     await processes.discord.wait_for(lambda: deliveries(processes, handle) >= 1, timeout=timeout)
     # Give a duplicate delivery, if there were one, time to show up.
@@ -42,11 +52,7 @@ async def test_sigkill_mid_generation_then_restart_delivers_once(
     bot_processes: BotProcesses, tmp_path: Path, store: str
 ) -> None:
     database = await database_url(store, tmp_path)
-    first = await bot_processes.start(database, ready_count=1)
-    handle = await bot_processes.discord.send_slash_command(
-        "imagine", {"prompt": "survives a crash", "samples": 2}
-    )
-    await handle.wait_for_callback()
+    first, handle = await start_one_job(bot_processes, database, "survives a crash", samples=2)
     await wait_for_submit(bot_processes)
     first.kill()
     await first.wait(10)
@@ -64,9 +70,7 @@ async def test_sigterm_stops_within_ten_seconds_and_the_job_resumes(
     bot_processes: BotProcesses, tmp_path: Path, store: str
 ) -> None:
     database = await database_url(store, tmp_path)
-    first = await bot_processes.start(database, ready_count=1)
-    handle = await bot_processes.discord.send_slash_command("imagine", {"prompt": "a clean stop"})
-    await handle.wait_for_callback()
+    first, handle = await start_one_job(bot_processes, database, "a clean stop")
     await wait_for_submit(bot_processes)
     stopping = time.monotonic()
     first.terminate()
@@ -86,10 +90,8 @@ async def test_a_job_killed_before_its_submit_is_submitted_once_after_restart(
     bot_processes: BotProcesses, tmp_path: Path, store: str
 ) -> None:
     database = await database_url(store, tmp_path)
-    first = await bot_processes.start(database, ready_count=1)
     bot_processes.segmind.inject("rate_limit", target="submit", reset_after=4.0)
-    handle = await bot_processes.discord.send_slash_command("imagine", {"prompt": "waiting its turn"})
-    await handle.wait_for_callback()
+    first, handle = await start_one_job(bot_processes, database, "waiting its turn")
     await bot_processes.discord.wait_for(
         lambda: bool(bot_processes.segmind.stats.requests_to("submit")), timeout=20
     )
@@ -108,11 +110,9 @@ async def test_sigterm_while_a_submit_hangs_never_submits_twice(
     bot_processes: BotProcesses, tmp_path: Path, store: str
 ) -> None:
     database = await database_url(store, tmp_path)
-    first = await bot_processes.start(database, ready_count=1)
     # Segmind takes the job at once but its answer is slow to come back.
     bot_processes.segmind.inject("slow", target="submit", seconds=20.0)
-    handle = await bot_processes.discord.send_slash_command("imagine", {"prompt": "answer in doubt"})
-    await handle.wait_for_callback()
+    first, handle = await start_one_job(bot_processes, database, "answer in doubt")
     await wait_for_submit(bot_processes)
     stopping = time.monotonic()
     first.terminate()
