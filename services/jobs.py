@@ -27,14 +27,13 @@ from services.segmind import (
     InsufficientCredits,
     JobFailed,
     JobResult,
-    JobState,
     RateLimited,
     SegmindClient,
     SegmindError,
+    SegmindState,
     SubmittedJob,
 )
-from services.store.base import JobRecord, Store
-from services.store.base import JobState as StoredState
+from services.store.base import JobRecord, JobState, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -171,9 +170,7 @@ class JobService:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
             try:
-                renewed = await self.store.acquire_lease(
-                    job_id, owner, self.lease_seconds, self._clock()
-                )
+                renewed = await self.store.acquire_lease(job_id, owner, self.lease_seconds, self._clock())
             except Exception:
                 log.warning("job %s: could not renew its lease", job_id, exc_info=True)
                 continue
@@ -196,31 +193,31 @@ class JobService:
 
     async def resume(self, job: JobRecord, on_progress: ProgressCallback) -> GeneratedImages:
         """Carries a recorded job on from its last state; a job Segmind accepted is never submitted again."""
-        if job.state is StoredState.PENDING:
+        if job.state is JobState.PENDING:
             return await self.run(job, on_progress)
-        if job.state is StoredState.SUBMITTING:
+        if job.state is JobState.SUBMITTING:
             # Segmind has no idempotency key: sending it again could bill twice, so it is closed instead.
             job = await self.abandon(job, "interrupted while being submitted")
             raise JobError(SubmitInterrupted(), job=job, billed=False)
         request = GenerationRequest.from_payload(job.request)
-        if job.state is StoredState.SUBMITTED and job.segmind_request_id:
+        if job.state is JobState.SUBMITTED and job.segmind_request_id:
             log.info("job %s: resumed, following %s", job.id, job.segmind_request_id)
             return await self.follow(job, self.client.resume(job.segmind_request_id, request), on_progress)
-        if job.state is StoredState.COMPLETED:
+        if job.state is JobState.COMPLETED:
             return await self.recover_images(job, request)
         raise ValueError(f"job {job.id} in state {job.state} cannot be resumed")
 
     async def abandon(self, job: JobRecord, reason: str) -> JobRecord:
         """A job that can no longer be delivered: its images are given back and it is closed."""
         await self.quota.refund(job.reservation_id or "")
-        job = await self.record(job, state=StoredState.FAILED, error=reason)
+        job = await self.record(job, state=JobState.FAILED, error=reason)
         log.info("job %s: abandoned (%s); quota refunded", job.id, reason)
         return job
 
     async def run(self, job: JobRecord, on_progress: ProgressCallback) -> GeneratedImages:
         """Submits, waits and fetches. The quota is committed once Segmind has billed, refunded otherwise."""
         request = GenerationRequest.from_payload(job.request).with_concrete_seed()
-        job = await self.record(job, request=request.to_payload(), state=StoredState.PENDING)
+        job = await self.record(job, request=request.to_payload(), state=JobState.PENDING)
         log.info("job %s: pending (user %d, %d image(s))", job.id, job.user_id, request.samples)
         job, submitted = await self._submit(job, request, on_progress)
         return await self.follow(job, submitted, on_progress)
@@ -246,7 +243,7 @@ class JobService:
             raise JobError(error, job=job, billed=True) from error
         job = await self.record(
             job,
-            state=StoredState.COMPLETED,
+            state=JobState.COMPLETED,
             result={
                 "outputs": list(result.outputs) if not result.is_base64 else [],
                 "metrics": dict(result.metrics),
@@ -268,19 +265,19 @@ class JobService:
             images = await self.fetch_images(result)
         except (SegmindError, DownloadFailed) as error:
             job = await self.record(
-                job, state=StoredState.FAILED, error=f"{type(error).__name__}: {error}"[:500]
+                job, state=JobState.FAILED, error=f"{type(error).__name__}: {error}"[:500]
             )
             raise JobError(error, job=job, billed=True) from error
         log.info("job %s: images recovered after a restart", job.id)
         return GeneratedImages(job, request, images, result.inference_time)
 
     async def mark_delivered(self, job: JobRecord, *, message_id: int | None) -> JobRecord:
-        job = await self.record(job, state=StoredState.DELIVERED, message_id=message_id)
+        job = await self.record(job, state=JobState.DELIVERED, message_id=message_id)
         log.info("job %s: delivered (%s)", job.id, job.segmind_request_id)
         return job
 
     async def mark_undeliverable(self, job: JobRecord, reason: str) -> JobRecord:
-        job = await self.record(job, state=StoredState.FAILED, error=f"delivery failed: {reason}")
+        job = await self.record(job, state=JobState.FAILED, error=f"delivery failed: {reason}")
         log.error(
             "job %s: images generated (%s) but not delivered: %s", job.id, job.segmind_request_id, reason
         )
@@ -295,7 +292,7 @@ class JobService:
                 return await self._submit_once(job, request, on_progress)
             except RateLimited as limited:
                 # A 429 means the job was not accepted, so submitting again later cannot double-bill.
-                await self.record(job, state=StoredState.PENDING)
+                await self.record(job, state=JobState.PENDING)
                 wait = limited.seconds_until_reset() or DEFAULT_RATE_LIMIT_WAIT
                 retry_at = self._clock() + wait
                 if waited + wait > self.rate_limit_max_wait:
@@ -320,7 +317,7 @@ class JobService:
 
         async def record_submitting() -> None:
             nonlocal on_its_way
-            await self.record(job, state=StoredState.SUBMITTING)
+            await self.record(job, state=JobState.SUBMITTING)
             on_its_way = True
 
         def waiting_for_slot(position: int, _seconds: float) -> None:
@@ -331,7 +328,7 @@ class JobService:
                 request, on_budget_wait=waiting_for_slot, before_send=record_submitting
             )
             recorded = await self.record(
-                job, segmind_request_id=submitted.request_id, state=StoredState.SUBMITTED
+                job, segmind_request_id=submitted.request_id, state=JobState.SUBMITTED
             )
             log.info("job %s: submitted as %s", job.id, submitted.request_id)
             return recorded, submitted
@@ -351,7 +348,7 @@ class JobService:
         async for event in self.client.wait(submitted):
             if event.result is not None:
                 return event.result
-            if event.state is JobState.QUEUED:
+            if event.state is SegmindState.QUEUED:
                 on_progress(Progress(ProgressKind.QUEUED, elapsed=event.elapsed, request_id=event.request_id))
                 continue
             started_at = event.elapsed if started_at is None else started_at
@@ -367,7 +364,7 @@ class JobService:
             await self.quota.commit(job.reservation_id or "")
         else:
             await self.quota.refund(job.reservation_id or "")
-        await self.record(job, state=StoredState.FAILED, error=f"{type(error).__name__}: {error}"[:500])
+        await self.record(job, state=JobState.FAILED, error=f"{type(error).__name__}: {error}"[:500])
         log.info(
             "job %s: failed (%s) %s; quota %s",
             job.id,

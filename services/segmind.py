@@ -39,7 +39,7 @@ _CONTENT_BLOCK = re.compile(
 _CREDITS = re.compile(r"credit|balance|insufficient", re.IGNORECASE)
 
 
-class JobState(StrEnum):
+class SegmindState(StrEnum):
     QUEUED = "QUEUED"
     PROCESSING = "PROCESSING"
     COMPLETED = "COMPLETED"
@@ -230,7 +230,7 @@ class DurationModel:
 
 def next_poll_delay(
     *,
-    state: JobState | None,
+    state: SegmindState | None,
     since_submit: float,
     processing_for: float | None,
     expected_queue: float,
@@ -245,7 +245,7 @@ def next_poll_delay(
     """
     if state is None:
         return FIRST_POLL_DELAY
-    if state is JobState.QUEUED:
+    if state is SegmindState.QUEUED:
         remaining = max(expected_queue - since_submit, 0.0) + expected_inference
         delay = max(remaining / 2, since_submit / 2)
     else:
@@ -281,7 +281,7 @@ class JobResult:
 @dataclass(frozen=True)
 class JobEvent:
     request_id: str
-    state: JobState
+    state: SegmindState
     elapsed: float
     result: JobResult | None = None
 
@@ -396,11 +396,11 @@ class SegmindClient:
             submitted_at=time.monotonic() if submitted_at is None else submitted_at,
         )
 
-    async def status(self, job: SubmittedJob) -> JobState:
+    async def status(self, job: SubmittedJob) -> SegmindState:
         reply = await self._send("GET", job.status_url, idempotent=True)
         body = self._raise_for_status(reply, request_id=job.request_id, failed_is_ok=True)
         state = _job_state(body, job.request_id)
-        if state is JobState.FAILED:
+        if state is SegmindState.FAILED:
             raise JobFailed(_error_text(body), request_id=job.request_id)
         return state
 
@@ -408,9 +408,9 @@ class SegmindClient:
         reply = await self._send("GET", job.response_url, idempotent=True)
         body = self._raise_for_status(reply, request_id=job.request_id, failed_is_ok=True)
         state = _job_state(body, job.request_id)
-        if state is JobState.FAILED:
+        if state is SegmindState.FAILED:
             raise JobFailed(_error_text(body), request_id=job.request_id)
-        if state is not JobState.COMPLETED:
+        if state is not SegmindState.COMPLETED:
             raise UnexpectedResponse(f"result asked while the job is {state}", request_id=job.request_id)
         outputs = body.get("output")
         if isinstance(outputs, str):
@@ -427,7 +427,7 @@ class SegmindClient:
         """
         deadline_at = job.submitted_at + (self.deadline if deadline is None else deadline)
         expected_inference = self.durations.expected_inference(job.request)
-        state: JobState | None = None
+        state: SegmindState | None = None
         processing_since: float | None = None
         last_seen_queued = job.submitted_at
         while True:
@@ -463,17 +463,17 @@ class SegmindClient:
                 raise
             seen_at = time.monotonic()
             elapsed = seen_at - job.submitted_at
-            if new_state is JobState.QUEUED:
+            if new_state is SegmindState.QUEUED:
                 last_seen_queued = seen_at
             if new_state is not state:
                 log.info("segmind %s: %s after %.1f s", job.request_id, new_state, elapsed)
-                if new_state is JobState.PROCESSING:
+                if new_state is SegmindState.PROCESSING:
                     # The job started somewhere between the last QUEUED answer and now; sparse polls
                     # while queued would otherwise make every later estimate of its finish late.
                     expected_start = job.submitted_at + self.durations.queue_seconds
                     processing_since = min(seen_at, max(last_seen_queued, expected_start))
                 state = new_state
-            if state is JobState.COMPLETED:
+            if state is SegmindState.COMPLETED:
                 result = await self.result(job)
                 self.durations.learn(job.request, result.metrics)
                 yield JobEvent(job.request_id, state, elapsed, result)
@@ -610,9 +610,9 @@ class SegmindClient:
         return text.replace(self.__api_key, "***") if self.__api_key else text
 
 
-def _job_state(body: Mapping[str, Any], request_id: str) -> JobState:
+def _job_state(body: Mapping[str, Any], request_id: str) -> SegmindState:
     try:
-        return JobState(str(body.get("status", "")).upper())
+        return SegmindState(str(body.get("status", "")).upper())
     except ValueError:
         raise UnexpectedResponse(
             f"unknown job status {body.get('status')!r}", request_id=request_id

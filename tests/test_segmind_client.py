@@ -24,7 +24,6 @@ from services.segmind import (
     InsufficientCredits,
     JobEvent,
     JobFailed,
-    JobState,
     JobTimeout,
     NotAcceptable,
     NotFound,
@@ -33,6 +32,7 @@ from services.segmind import (
     RetryPolicy,
     SegmindClient,
     SegmindConnectionError,
+    SegmindState,
     ServerError,
     SubmittedJob,
     Unauthorized,
@@ -123,8 +123,8 @@ async def test_one_sample_as_url(server: SegmindServer, session: aiohttp.ClientS
     job = await client.submit(GenerationRequest(prompt="a lighthouse at dusk", img_width=768, img_height=512))
     events = await run_to_completion(client, job)
 
-    assert events[-1].state is JobState.COMPLETED
-    assert {event.state for event in events[:-1]} <= {JobState.QUEUED, JobState.PROCESSING}
+    assert events[-1].state is SegmindState.COMPLETED
+    assert {event.state for event in events[:-1]} <= {SegmindState.QUEUED, SegmindState.PROCESSING}
     assert all(event.request_id == job.request_id for event in events)
     result = events[-1].result
     assert result is not None and len(result.outputs) == 1
@@ -246,7 +246,7 @@ async def test_rate_limited_poll_waits_for_the_reset(
     server.inject("rate_limit", target="status", reset_after=1.0)
     started = time.monotonic()
     events = await run_to_completion(client, job)
-    assert events[-1].state is JobState.COMPLETED
+    assert events[-1].state is SegmindState.COMPLETED
     assert time.monotonic() - started >= 0.9
     status_requests = server.stats.requests_to("status")
     limited_at = next(r.time for r in status_requests if r.status == 429)
@@ -421,12 +421,12 @@ async def test_every_status_code_has_its_typed_error(
 def test_polling_starts_fast_spreads_while_queued_and_tightens_near_the_finish() -> None:
     common = {"expected_queue": 2.0, "expected_inference": 20.0, "min_interval": 1.0, "max_interval": 10.0}
     assert next_poll_delay(state=None, since_submit=0, processing_for=None, **common) < 1.0
-    queued_early = next_poll_delay(state=JobState.QUEUED, since_submit=1, processing_for=None, **common)
-    queued_long = next_poll_delay(state=JobState.QUEUED, since_submit=40, processing_for=None, **common)
+    queued_early = next_poll_delay(state=SegmindState.QUEUED, since_submit=1, processing_for=None, **common)
+    queued_long = next_poll_delay(state=SegmindState.QUEUED, since_submit=40, processing_for=None, **common)
     assert queued_long >= queued_early
-    far = next_poll_delay(state=JobState.PROCESSING, since_submit=5, processing_for=2, **common)
-    near = next_poll_delay(state=JobState.PROCESSING, since_submit=20, processing_for=18, **common)
-    overdue = next_poll_delay(state=JobState.PROCESSING, since_submit=60, processing_for=58, **common)
+    far = next_poll_delay(state=SegmindState.PROCESSING, since_submit=5, processing_for=2, **common)
+    near = next_poll_delay(state=SegmindState.PROCESSING, since_submit=20, processing_for=18, **common)
+    overdue = next_poll_delay(state=SegmindState.PROCESSING, since_submit=60, processing_for=58, **common)
     assert far > near == 1.0
     assert 1.0 < overdue <= 10.0
 
