@@ -4,21 +4,10 @@ Tests run the real, unmodified discord.py bot against it and assert on what
 Discord would have received (requests, messages, interaction callbacks) while
 driving users' actions (slash commands, button presses, modal submits).
 
-Pointing discord.py 2.7 at it needs two class attributes, set before the bot
-logs in (Route objects capture BASE when they are built):
-
-    def point_discord_py_at(api_base: str, gateway_url: str) -> None:
-        import yarl
-        from discord.gateway import DiscordWebSocket
-        from discord.http import Route
-
-        # REST and interaction webhooks both build their URLs from Route.BASE.
-        Route.BASE = f"{api_base.rstrip('/')}/api/v10"
-        # Client.connect, AutoShardedClient with an explicit shard_count, and a shard's
-        # re-IDENTIFY after INVALID_SESSION connect here. RESUMEs follow READY's
-        # resume_gateway_url and an AutoShardedClient without shard_count follows
-        # GET /gateway/bot's url; the stand-in points both at itself.
-        DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+The bot reaches it through DISCORD_API_BASE and DISCORD_GATEWAY_URL, which `bot.point_discord_py_at`
+applies before login (Route objects capture BASE when they are built). RESUMEs follow READY's
+resume_gateway_url and an AutoShardedClient without shard_count follows GET /gateway/bot's url; the
+stand-in points both at itself.
 
 Interactions and other events go, as on Discord, to every live session of the
 guild's shard. A session that lost its connection stays live (events are kept
@@ -78,18 +67,7 @@ __all__ = [
     "RecordedRequest",
     "StoredAttachment",
     "StoredMessage",
-    "point_discord_py_at",
 ]
-
-
-def point_discord_py_at(api_base: str, gateway_url: str) -> None:
-    """Sends discord.py's REST calls and gateway connections to `api_base` / `gateway_url`."""
-    import yarl
-    from discord.gateway import DiscordWebSocket
-    from discord.http import Route
-
-    Route.BASE = f"{api_base.rstrip('/')}/api/v10"
-    DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
 
 
 class DiscordStandIn:
@@ -411,7 +389,9 @@ class DiscordStandIn:
         guild = self.world.guilds[guild_id or self.guild_id]
         guild.roles[role_id] = name
         role = next(r for r in self.world.guild_roles(guild) if r["id"] == str(role_id))
-        self.gateway.dispatch_event(guild.id, "GUILD_ROLE_CREATE", {"guild_id": str(guild.id), "role": role}, 1)
+        self.gateway.dispatch_event(
+            guild.id, "GUILD_ROLE_CREATE", {"guild_id": str(guild.id), "role": role}, 1
+        )
 
     def dm_channel(self, user_id: int = DEFAULT_USER_ID) -> int:
         """The id of the DM channel between the bot and a user (created on first use)."""

@@ -17,13 +17,13 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 from PIL import Image
 
+from bot import point_discord_py_at
 from devtools.discord_server import (
     DEFAULT_CHANNEL_ID,
     DEFAULT_GUILD_ID,
     DEFAULT_USER_ID,
     DiscordStandIn,
     NoGatewayClientError,
-    point_discord_py_at,
 )
 
 TOKEN = "stand-in-token"

@@ -19,30 +19,14 @@ from PIL import Image
 
 from devtools.segmind_params import SCHEDULERS
 from devtools.segmind_server import SegmindServer, SegmindServerSettings
+from tests.conftest import PAGE_EXAMPLE
 
 KEY = "test-key"
 MODEL = "sdxl1.0-dreamshaper"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The example payload from the API page.
-EXAMPLE_PAYLOAD: dict[str, Any] = {
-    "prompt": "cinematic photo of portrait of cyberpunk (the Grumpy Cat:1.25) in a spacesuit, looking with "
-    "endless sadness at the universe passing by, cyberpunk 2077 city bg,  2d masterpiece by john Wilhelm, "
-    "(grumpy:1.2), (cyberpunk:1.4), photo-realistic, octane render, hdr, neon, lens flares, ( best "
-    "quality:1.9), active asymmetrical pose, (action-packed:1.8),  trending on artstation, 8k, 35mm "
-    "photograph, film, bokeh, professional, 4k, highly detailed",
-    "negative_prompt": "drawing, painting, crayon, sketch, graphite, impressionist, noisy, blurry, soft, "
-    "deformed, ugly, [deformed | disfigured], poorly drawn, [bad : wrong] anatomy, [extra | missing | "
-    "floating | disconnected] limb, (mutated hands and fingers), blurry",
-    "samples": 1,
-    "scheduler": "UniPC",
-    "num_inference_steps": 35,
-    "guidance_scale": 7,
-    "seed": 1135424276,
-    "img_width": 896,
-    "img_height": 1152,
-    "base64": False,
-}
+EXAMPLE_PAYLOAD: dict[str, Any] = PAGE_EXAMPLE
 SMALL = {"img_width": 512, "img_height": 512, "num_inference_steps": 20}
 FAST = {"queue_seconds": 0.02, "seconds_per_step": 0.0005}
 
