@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -19,11 +20,20 @@ import discord
 from discord.ext import commands
 
 from cogs import render
-from services.images import PreparedImage, prepare_for_upload
-from services.jobs import GeneratedImages, JobError, Progress, ProgressKind, uninterruptible
+from services.images import ImageDecodeError, PreparedImage, prepare_for_upload
+from services.jobs import (
+    GeneratedImages,
+    JobError,
+    Lease,
+    LeaseLost,
+    Progress,
+    ProgressKind,
+    uninterruptible,
+)
 from services.request import GenerationRequest
 from services.segmind import InsufficientCredits, JobFailed
 from services.store.base import JobRecord, JobState
+from services.store.guarded import StoreUnavailable
 
 if TYPE_CHECKING:
     from bot import DreamshaperBot
@@ -36,6 +46,7 @@ PROGRESS_TICK_SECONDS = 5.0
 TOKEN_LIFETIME = 15 * 60 - 30
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 SERVER_ERROR_ATTEMPTS = 3
+MAX_DISCORD_RETRY_AFTER = 60.0
 
 
 class ProgressMessage:
@@ -236,17 +247,31 @@ class JobRunner(commands.Cog):
         """Running jobs are cancelled after their state is written, to be resumed later."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-        jobs = [task for task in self._running.values() if not task.done()]
-        for task in jobs:
+        running = {job_id: task for job_id, task in self._running.items() if not task.done()}
+        for task in running.values():
             task.cancel()
-        if jobs:
-            await asyncio.wait(jobs, timeout=8)
-        log.info("job runner stopped; %d running job(s) left to resume at the next start", len(jobs))
+        if running:
+            await asyncio.wait(running.values(), timeout=8)
+        # A delivery under way finishes before its task stops, so only the record tells what is left over.
+        left = 0
+        for job_id in running:
+            try:
+                record = await self.bot.store.get_job(job_id)
+            except StoreUnavailable:
+                record = None
+            left += record is None or not record.finished
+        log.info(
+            "job runner stopped; %d job(s) left to resume at the next start, %d finished while stopping",
+            left,
+            len(running) - left,
+        )
 
     async def _sweep_forever(self) -> None:
         while True:
             try:
                 await self.sweep()
+            except StoreUnavailable as error:
+                log.warning("could not look for unfinished jobs: %s", error)
             except Exception:
                 log.exception("could not look for unfinished jobs")
             await asyncio.sleep(self.bot.jobs.lease_seconds)
@@ -257,6 +282,7 @@ class JobRunner(commands.Cog):
         A completed job's images stay downloadable for days, so only jobs that still needed Segmind's
         one-hour result are closed when they are older than that.
         """
+        await self.bot.jobs.reclaim_orphaned_reservations()
         fresh, stale = await self.bot.jobs.unfinished()
         for job in [*fresh, *(job for job in stale if job.state is JobState.COMPLETED)]:
             self.start(job)
@@ -279,15 +305,17 @@ class JobRunner(commands.Cog):
 
     async def execute(self, job: JobRecord) -> None:
         try:
-            async with self.bot.jobs.lease(job.id) as ours:
-                current = await self.bot.store.get_job(job.id) if ours else None
+            async with self.bot.jobs.lease(job.id) as lease:
+                current = await self.bot.store.get_job(job.id) if lease else None
                 if current is not None and not current.finished:
-                    await self._carry_on(current)
+                    await self._carry_on(current, lease)
+        except LeaseLost:
+            log.warning("job %s: another process took it over; this one posts nothing", job.id)
         except Exception:
             # The job keeps its recorded state, so the next sweep tries it again.
             log.exception("job %s: unexpected failure; it will be retried", job.id)
 
-    async def _carry_on(self, job: JobRecord) -> None:
+    async def _carry_on(self, job: JobRecord, lease: Lease) -> None:
         if job.state is JobState.COMPLETED and await self._posted_before(job):
             return
         message = JobMessage(self.bot, job)
@@ -301,69 +329,104 @@ class JobRunner(commands.Cog):
         finally:
             await progress.finish()  # also on an unexpected error, or the ticker would outlive the job
         # Posting and recording the delivery go together, or a resumed job would be posted twice.
-        await uninterruptible(self.deliver(message, generated))
+        await uninterruptible(self.deliver(message, generated, lease))
 
-    async def deliver(self, message: JobMessage, generated: GeneratedImages) -> None:
+    async def deliver(self, message: JobMessage, generated: GeneratedImages, lease: Lease) -> None:
+        """Posts the images where the member will see them, while this process still holds the job.
+
+        A failure that may pass (Discord 5xx or rate limits, images Pillow cannot prepare) leaves the job
+        completed for the next sweep, a bounded number of times; then the member is told and `/jobs`
+        offers Resend.
+        """
         job, request = generated.job, generated.request
-        prepared = await prepare_for_upload(
-            generated.images,
-            limit_bytes=job.upload_limit or DEFAULT_UPLOAD_LIMIT,
-            stem=f"dreamshaper_{request.seed}",
-        )
+        try:
+            prepared = await prepare_for_upload(
+                generated.images,
+                limit_bytes=job.upload_limit or DEFAULT_UPLOAD_LIMIT,
+                stem=f"dreamshaper_{request.seed}",
+            )
+        except (ImageDecodeError, ValueError) as error:
+            await self._delivery_failed(job, f"the images could not be prepared for Discord: {error}")
+            return
         embed = render.result_embed(
             request, inference_time=generated.inference_time, requester=job.requester_name or "a member"
         )
-        sent = await self._edit_with_retries(message, embed, prepared)
+        await lease.confirm()
+        sent, passing = await self._edit_with_retries(message, embed, prepared)
         if sent is None:
-            sent = await self._deliver_elsewhere(job, embed, prepared)
-        if sent is None:
-            await self.bot.jobs.mark_undeliverable(job, "no channel, DM or interaction could take it")
-            return
-        await self.bot.jobs.mark_delivered(job, message_id=sent.id)
+            await lease.confirm()
+            sent, elsewhere_passing = await self._deliver_elsewhere(job, embed, prepared)
+            passing = passing or elsewhere_passing
+        if sent is not None:
+            await self.bot.jobs.mark_delivered(job, message_id=sent.id)
+        elif passing:
+            await self._delivery_failed(job, "Discord kept failing (server errors or rate limits)")
+        else:
+            job = await self.bot.jobs.mark_undeliverable(job, "no channel, DM or interaction could take it")
+            await self._tell_undelivered(job)
+
+    async def _delivery_failed(self, job: JobRecord, reason: str) -> None:
+        job = await self.bot.jobs.delivery_failed(job, reason)
+        if job.state is JobState.UNDELIVERED:
+            await self._tell_undelivered(job)
+
+    async def _tell_undelivered(self, job: JobRecord) -> None:
+        await self._tell_requester(
+            job, f"📬 <@{job.user_id}>, your images are ready but could not be posted; `/jobs` can resend them."
+        )
 
     async def _edit_with_retries(
         self, message: JobMessage, embed: discord.Embed, prepared: list[PreparedImage]
-    ) -> discord.Message | None:
-        # discord.py already waits out 429s and retries 5xx a few times; this covers longer outages.
+    ) -> tuple[discord.Message | None, bool]:
+        """The result edited into the original response; (None, True) when Discord kept failing."""
+        # discord.py already waits out 429s and retries 5xx a few times; this covers longer outages, and a
+        # 429 that discord.py gave up on, which says nothing about whether the message still exists.
         for attempt in range(SERVER_ERROR_ATTEMPTS):
             try:
-                return await message.edit(
+                edited = await message.edit(
                     content=None,
                     embed=embed,
                     attachments=discord_files(prepared),
                     view=result_view(message.job.id),
                 )
+                return edited, False
             except TokenExpired:
-                return None
-            except discord.DiscordServerError as error:
+                return None, False
+            except discord.HTTPException as error:
+                if not _passing(error):
+                    log.info(
+                        "job %s: the original response is gone (%s); posting elsewhere", message.job.id, error
+                    )
+                    return None, False
                 log.warning(
                     "job %s: Discord failed the result edit (%s); retrying", message.job.id, error.status
                 )
-                await asyncio.sleep(2**attempt)
-            except discord.HTTPException as error:
-                log.info(
-                    "job %s: the original response is gone (%s); posting elsewhere", message.job.id, error
-                )
-                return None
-        return None
+                await asyncio.sleep(_retry_after(error, attempt))
+        return None, True
 
     async def _deliver_elsewhere(
         self, job: JobRecord, embed: discord.Embed, prepared: list[PreparedImage]
-    ) -> discord.Message | None:
-        """Posts in the channel, pinging only the requester; failing that, a direct message."""
+    ) -> tuple[discord.Message | None, bool]:
+        """Posts in the channel, pinging only the requester; failing that, a direct message.
+
+        The flag says whether any place failed in a way that may pass (a Discord 5xx or rate limit).
+        """
         content = f"<@{job.user_id}>, your images are ready."
+        passing = False
         for destination in await self._destinations(job):
             try:
-                return await destination.send(
+                sent = await destination.send(
                     content=content,
                     embed=embed,
                     files=discord_files(prepared),
                     view=result_view(job.id),
                     allowed_mentions=discord.AllowedMentions(users=[discord.Object(job.user_id)]),
                 )
+                return sent, False
             except discord.HTTPException as error:
+                passing = passing or _passing(error)
                 log.warning("job %s: could not post the result (%s); trying the next place", job.id, error)
-        return None
+        return None, passing
 
     async def _posted_before(self, job: JobRecord) -> bool:
         """A process stopped between posting a result in the channel and recording it: find that post.
@@ -446,6 +509,20 @@ class JobRunner(commands.Cog):
             )
         except (discord.HTTPException, LookupError) as error:
             log.warning("could not post to the mod log channel %d: %s", channel_id, error)
+
+
+def _passing(error: discord.HTTPException) -> bool:
+    """Whether Discord's refusal may pass: a server error, or a rate limit discord.py stopped waiting out."""
+    return error.status >= 500 or error.status == 429
+
+
+def _retry_after(error: discord.HTTPException, attempt: int) -> float:
+    header = getattr(error.response, "headers", {}).get("Retry-After")
+    try:
+        wait = float(header) if header is not None else 2.0**attempt
+    except ValueError:
+        wait = 2.0**attempt
+    return min(MAX_DISCORD_RETRY_AFTER, max(0.5, wait)) if math.isfinite(wait) else 2.0**attempt
 
 
 async def setup(bot: DreamshaperBot) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +19,7 @@ from cogs.delivery import JobButton, JobMessage, answer_failure
 from services.jobs import JobError
 from services.request import SCHEDULERS, GenerationRequest, RequestValidationError
 from services.store.base import JobRecord, JobState, QuotaRefusal, new_job_id
+from services.store.guarded import StoreUnavailable
 
 if TYPE_CHECKING:
     from bot import DreamshaperBot
@@ -24,6 +28,8 @@ log = logging.getLogger(__name__)
 
 PROMPT_MAX = 1500
 NEGATIVE_MAX = 1000
+# Store work an interaction waits on before its answer; twice this still leaves time within Discord's 3 s.
+ACK_STORE_SECONDS = 1.2
 ASPECTS: dict[str, tuple[int, int]] = {
     "1:1": (1024, 1024),
     "7:9": (896, 1152),
@@ -35,9 +41,20 @@ ASPECTS: dict[str, tuple[int, int]] = {
 }
 
 
+@contextlib.asynccontextmanager
+async def before_answering() -> AsyncIterator[None]:
+    """Bounds store work that an interaction's first answer waits on, so a stuck store still gets a reply."""
+    try:
+        async with asyncio.timeout(ACK_STORE_SECONDS):
+            yield
+    except TimeoutError:
+        raise StoreUnavailable(f"the store did not answer within {ACK_STORE_SECONDS:g} s") from None
+
+
 class Imagine(commands.Cog):
     def __init__(self, bot: DreamshaperBot) -> None:
         self.bot = bot
+        self._background: set[asyncio.Task[None]] = set()
 
     async def cog_load(self) -> None:
         self.bot.tree.on_error = self.on_app_command_error  # type: ignore[method-assign]
@@ -101,7 +118,8 @@ class Imagine(commands.Cog):
 
     @app_commands.command(name="quota", description="Show how many images you have left")
     async def quota(self, interaction: discord.Interaction) -> None:
-        usage = await self.bot.quota.usage(interaction.user.id)
+        async with before_answering():
+            usage = await self.bot.quota.usage(interaction.user.id)
         exempt = self.bot.quota.is_exempt(member_role_ids(interaction.user))
         await interaction.response.send_message(
             embed=render.quota_usage_embed(usage, exempt=exempt), ephemeral=True
@@ -116,14 +134,33 @@ class Imagine(commands.Cog):
         if not self.bot.accepting_jobs:
             await send_ephemeral(interaction, "🔄 The bot is restarting; please try again in a minute.")
             return
-        if await self.bot.jobs.credits_exhausted_until():
-            await send_ephemeral(interaction, render.credits_exhausted_reply())
+        try:
+            async with before_answering():
+                outcome = await self._record_job(interaction, request, origin)
+        except StoreUnavailable as error:
+            log.warning("could not record a job for %d: %s", interaction.user.id, error)
+            await send_ephemeral(interaction, render.store_unavailable_reply().text)
             return
+        if isinstance(outcome, str):
+            await send_ephemeral(interaction, outcome)
+            return
+        try:
+            await interaction.response.defer(thinking=True)
+        except BaseException:
+            await self.bot.jobs.abandon(outcome, "the interaction could not be acknowledged")
+            raise
+        self.bot.runner.start(outcome)
+
+    async def _record_job(
+        self, interaction: discord.Interaction, request: GenerationRequest, origin: str
+    ) -> JobRecord | str:
+        """The saved job, or the refusal to show the member."""
+        if await self.bot.jobs.credits_exhausted_until():
+            return render.credits_exhausted_reply()
         user = interaction.user
         reservation = await self.bot.quota.reserve(user.id, request.samples, member_role_ids(user))
         if isinstance(reservation, QuotaRefusal):
-            await send_ephemeral(interaction, render.quota_refusal_reply(reservation, request.samples))
-            return
+            return render.quota_refusal_reply(reservation, request.samples)
         now = time.time()
         job = JobRecord(
             id=new_job_id(),
@@ -148,20 +185,26 @@ class Imagine(commands.Cog):
         try:
             await self.bot.store.save_job(job)
         except BaseException:
-            await self.bot.quota.refund(reservation)
+            # Given back in the background so the member's answer is not held up by the store that just
+            # failed; if that fails too, the sweep refunds reservations no saved job owns.
+            refund = asyncio.create_task(self._refund_quietly(reservation.id))
+            self._background.add(refund)
+            refund.add_done_callback(self._background.discard)
             raise
+        return job
+
+    async def _refund_quietly(self, reservation_id: str) -> None:
         try:
-            await interaction.response.defer(thinking=True)
-        except BaseException:
-            await self.bot.jobs.abandon(job, "the interaction could not be acknowledged")
-            raise
-        self.bot.runner.start(job)
+            await self.bot.quota.refund(reservation_id)
+        except StoreUnavailable as error:
+            log.warning("reservation %s: not refunded yet (%s); the sweep will", reservation_id, error)
 
     # -- buttons --
 
     async def on_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
-        job = await self.bot.store.get_job(job_id)
-        if job is None and action == "delete" and interaction.permissions.manage_messages:
+        async with before_answering():
+            job = await self.bot.store.get_job(job_id)
+        if job is None and action == "delete" and may_delete_unrecorded(interaction):
             await self.delete_message(interaction, job_id)
             return
         if job is None:
@@ -199,7 +242,8 @@ class Imagine(commands.Cog):
         name="jobs", description="Your recent image requests, and results that could not be posted"
     )
     async def jobs(self, interaction: discord.Interaction) -> None:
-        jobs = await self.bot.store.recent_jobs(interaction.user.id, limit=10)
+        async with before_answering():
+            jobs = await self.bot.store.recent_jobs(interaction.user.id, limit=10)
         view = discord.ui.View(timeout=None)
         for job in jobs:
             if can_resend(job) and len(view.children) < 5:
@@ -217,9 +261,11 @@ class Imagine(commands.Cog):
                 interaction, "Only the member who asked for these images can have them resent."
             )
             return
-        async with self.bot.jobs.lease(job.id) as ours:
+        async with contextlib.AsyncExitStack() as held:
             # The lease and a fresh read make a second press (or another process) see it already resent.
-            current = await self.bot.store.get_job(job.id) if ours else None
+            async with before_answering():
+                lease = await held.enter_async_context(self.bot.jobs.lease(job.id))
+                current = await self.bot.store.get_job(job.id) if lease else None
             if current is None or not can_resend(current):
                 await send_ephemeral(interaction, "These images have already been posted: see `/jobs`.")
                 return
@@ -240,11 +286,30 @@ class Imagine(commands.Cog):
                 interaction_created_at=interaction.created_at.timestamp(),
                 upload_limit=interaction.filesize_limit,
             )
-            await self.bot.runner.deliver(JobMessage(self.bot, resent), replace(generated, job=resent))
+            await self.bot.runner.deliver(
+                JobMessage(self.bot, resent), replace(generated, job=resent), lease
+            )
 
 
 def can_resend(job: JobRecord) -> bool:
-    return job.state is JobState.FAILED and bool(job.error and job.error.startswith("delivery failed"))
+    return job.state is JobState.UNDELIVERED
+
+
+def may_delete_unrecorded(interaction: discord.Interaction) -> bool:
+    """Whether the presser may delete a result whose job record has aged out of the store.
+
+    The message itself still says whose it is: the interaction that made it, or the requester the bot
+    pinged when it posted the result in the channel.
+    """
+    if interaction.permissions.manage_messages:
+        return True
+    message = interaction.message
+    if message is None:
+        return False
+    metadata = message.interaction_metadata
+    if metadata is not None:
+        return metadata.user.id == interaction.user.id
+    return message.raw_mentions[:1] == [interaction.user.id]
 
 
 def build_request(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from services.segmind import (
     Unauthorized,
 )
 from services.store.base import JobRecord, JobState, QuotaRefusal, QuotaUsage
+from services.store.guarded import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,11 @@ def quote_user_text(text: str, limit: int) -> str:
 
 def relative_time(epoch: float) -> str:
     return f"<t:{int(epoch)}:R>"
+
+
+def try_again_at(epoch: float) -> str:
+    """A time the member's own client shows in their time zone, with how far off it is."""
+    return f"at <t:{math.ceil(epoch)}:T> ({relative_time(math.ceil(epoch))})"
 
 
 def progress_text(progress: Progress) -> str:
@@ -129,13 +136,35 @@ def info_embed(request: GenerationRequest, request_id: str | None) -> discord.Em
     return embed
 
 
+def typed_value_span(value: object, limit: int = 60) -> str:
+    """An option's value as the member typed it, in a code span that no backtick in the value can close.
+
+    Nothing is escaped: markdown is not read inside a code span, so an escape would show as a backslash.
+    Resolved options (a member, a channel, a role) show their name, or their id when they have none.
+    """
+    if not isinstance(value, str | int | float):
+        name = getattr(value, "name", None)
+        value = name if isinstance(name, str) else getattr(value, "id", value)
+    text = truncate(" ".join(str(value).splitlines()), limit)
+    if not text:
+        return "(empty)"
+    # Discord closes a code span only on a backtick run as long as the one that opened it, so the fence is
+    # one longer than any run in the value. A backtick at either end would join the fence: a space keeps
+    # them apart, and Discord drops a space that sits between a fence and a backtick.
+    longest = run = 0
+    for char in text:
+        run = run + 1 if char == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * (longest + 1)
+    before = " " if text.startswith("`") else ""
+    after = " " if text.endswith("`") else ""
+    return f"{fence}{before}{text}{after}{fence}"
+
+
 def validation_reply(error: RequestValidationError) -> str:
     option = OPTION_NAMES.get(error.field, error.field)
     allowed = error.allowed.replace("img_width", "width").replace("img_height", "height")
-    shown = truncate(str(error.value), 60)
-    return truncate(
-        f"❌ `{option}` can't be `{discord.utils.escape_markdown(shown)}`: it must be {allowed}.", 1900
-    )
+    return truncate(f"❌ `{option}` can't be {typed_value_span(error.value)}: it must be {allowed}.", 1900)
 
 
 def quota_refusal_reply(refusal: QuotaRefusal, requested: int) -> str:
@@ -168,9 +197,11 @@ def quota_usage_embed(usage: QuotaUsage, *, exempt: bool) -> discord.Embed:
 
 STATE_LABELS = {
     JobState.PENDING: "⏳ waiting",
+    JobState.SUBMITTING: "📨 being sent to Segmind",
     JobState.SUBMITTED: "🎨 generating",
     JobState.COMPLETED: "📦 being posted",
     JobState.DELIVERED: "✅ posted",
+    JobState.UNDELIVERED: "📬 ready, not posted: use Resend below",
     JobState.FAILED: "⚠️ failed",
 }
 
@@ -184,8 +215,6 @@ def jobs_embed(jobs: list[JobRecord]) -> discord.Embed:
     for job in jobs:
         prompt = quote_user_text(str(job.request.get("prompt", "")), 60)
         state = STATE_LABELS[job.state]
-        if job.state is JobState.FAILED and job.error and job.error.startswith("delivery failed"):
-            state = "📬 ready, not posted: use Resend below"
         link = ""
         if job.state is JobState.DELIVERED and job.message_id and job.channel_id:
             link = f" · [open](https://discord.com/channels/{job.guild_id or '@me'}/{job.channel_id}/{job.message_id})"
@@ -225,7 +254,7 @@ def job_failure_reply(error: JobError) -> FailureReply:
             "it was not sent again, and it did not count toward your quota. Please try again."
         )
     if isinstance(cause, RateLimited):
-        when = relative_time(error.retry_at) if error.retry_at else "in a few minutes"
+        when = try_again_at(error.retry_at) if error.retry_at else "in a few minutes"
         return FailureReply(f"🕒 Segmind is rate limiting the bot. Please try again {when}.{charged}")
     if isinstance(cause, JobFailed) and cause.is_content_block:
         return FailureReply("🚫 This prompt was blocked by the content filter. No image was made." + charged)
@@ -256,7 +285,15 @@ def job_failure_reply(error: JobError) -> FailureReply:
     )
 
 
+def store_unavailable_reply() -> FailureReply:
+    return FailureReply("🗄️ The bot's storage is not responding, so nothing was started. Please try again.")
+
+
 def unexpected_error_reply(error: BaseException, context: str) -> FailureReply:
+    """For errors no command handled; a store outage is not a bug, so it gets its own plain answer."""
+    if isinstance(error, StoreUnavailable):
+        log.warning("%s: %s", context, error)
+        return store_unavailable_reply()
     error_id = new_error_id()
     log.error("error %s: unexpected failure in %s", error_id, context, exc_info=error)
     return FailureReply(f"⚠️ Something went wrong on the bot's side. Error id `{error_id}`.", error_id)
@@ -264,7 +301,7 @@ def unexpected_error_reply(error: BaseException, context: str) -> FailureReply:
 
 def app_command_error_reply(error: AppCommandError, context: str) -> FailureReply:
     if isinstance(error, TransformerError):
-        return FailureReply(f"❌ `{truncate(str(error.value), 60)}` is not a valid value for this option.")
+        return FailureReply(f"❌ {typed_value_span(error.value)} is not a valid value for this option.")
     original = getattr(error, "original", error)
     if isinstance(original, RequestValidationError):
         return FailureReply(validation_reply(original))

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import redis.asyncio as redis
 
 from bot import DreamshaperBot, point_discord_py_at
@@ -21,6 +22,7 @@ from devtools.discord_models import CALLBACK_DEFERRED_CHANNEL_MESSAGE, Interacti
 from devtools.discord_server import DEFAULT_USER_ID, DiscordStandIn
 from devtools.segmind_server import SegmindServer, SegmindServerSettings
 from services.config import Config
+from services.store import open_store
 from tests.conftest import BOT_TOKEN, REDIS_URL, SEGMIND_KEY, BotStack, database_url, redis_available
 
 STARTUP_TIMEOUT = 20.0
@@ -122,7 +124,9 @@ async def _start_stack(database: str) -> tuple[BotStack, asyncio.Task[None]]:
         }
     )
     point_discord_py_at(config.discord_api_base, config.discord_gateway_url)
-    bot = DreamshaperBot(config)
+    bot = DreamshaperBot(
+        config, http_session=aiohttp.ClientSession(), store=await open_store(config.database_url)
+    )
     task = asyncio.create_task(bot.start(config.discord_token))
     stack = BotStack(discord, segmind, bot, config)
     await discord.wait_until_ready(timeout=STARTUP_TIMEOUT)
@@ -134,6 +138,8 @@ async def _stop_stack(stack: BotStack, task: asyncio.Task[None]) -> None:
     await stack.bot.close()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await asyncio.wait_for(task, timeout=10)
+    await stack.bot.http_session.close()
+    await stack.bot.store.close()
     await stack.discord.stop()
     await stack.segmind.stop()
 

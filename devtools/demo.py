@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import discord
 
 from bot import DreamshaperBot, point_discord_py_at
@@ -51,6 +52,7 @@ from devtools.discord_server import DiscordStandIn
 from devtools.segmind_server import SegmindServer, SegmindServerSettings
 from services.config import Config
 from services.jobs import Progress, ProgressKind
+from services.store import open_store
 
 log = logging.getLogger("devtools.demo")
 
@@ -517,7 +519,10 @@ async def run_demo(args: argparse.Namespace) -> DemoRun:
 
         config = bot_config(stand_in, segmind, out)
         point_discord_py_at(config.discord_api_base, config.discord_gateway_url)
-        bot = DreamshaperBot(config)
+        http_session = await stack.enter_async_context(aiohttp.ClientSession())
+        store = await open_store(config.database_url)
+        stack.push_async_callback(store.close)
+        bot = DreamshaperBot(config, http_session=http_session, store=store)
         bot_task = asyncio.create_task(bot.start(config.discord_token))
         stack.push_async_callback(stop_bot, bot, bot_task)
 

@@ -2,6 +2,15 @@
 
 Each command's prompt carries a unique tag, so a Segmind submit (its payload) and a Discord message with
 images (its embed) are traced back to the command without asking the bot.
+
+Faults whose answer has an HTTP status of its own (5xx, 429, a dropped connection) are counted from the
+Segmind stand-in's request records. The others (slow answers and most hostile ones: a 200 that is
+malformed, huge, or lists foreign URLs or extra outputs) look like any answer in the records, so the suite
+attributes them: only one fault is pending per target at a time, and the stand-in serves faults in the
+order injected, so the first `count` requests to reach the target after an injection are the ones it hit.
+
+The suite's other origin (where a hostile Segmind points URLs and redirects) records every request; one
+carrying the Segmind key is a leak, counted as `key_sent_elsewhere`, and fails the run like a lost job.
 """
 
 from __future__ import annotations
@@ -9,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +27,7 @@ from devtools.discord_models import RecordedRequest, StoredMessage
 from devtools.discord_server import DiscordStandIn, InteractionHandle
 from devtools.fault_plan import PlannedCommand
 from devtools.segmind_server import SegmindServer
+from devtools.segmind_stats import RequestRecord
 
 PROGRESS_PREFIXES = ("⏳", "📨", "🎨")
 
@@ -51,6 +62,9 @@ class InjectedFault:
     planned_at: float
     injected_at: float | None = None  # None: never injected (the run ended first)
     detail: str = ""
+    # Segmind faults: how many requests had reached the target when this fault was injected (its hits
+    # are the next `count` of them; see the module docstring).
+    first_request: int | None = None
 
 
 @dataclass
@@ -126,10 +140,12 @@ class SuiteReport:
     latency: dict[str, float]
     log_findings: dict[str, Any]
     problems: list[dict[str, Any]] = field(default_factory=list)
+    requests_elsewhere: int = 0  # requests that reached the other origin
+    key_sent_elsewhere: int = 0  # of those, the ones carrying the Segmind key (in a header or the URL)
 
     @property
     def ok(self) -> bool:
-        return self.tally.ok
+        return self.tally.ok and self.key_sent_elsewhere == 0
 
     def to_json(self) -> dict[str, Any]:
         tally = self.tally
@@ -149,6 +165,8 @@ class SuiteReport:
             "unmatched_submits": tally.unmatched_submits,
             "re_uploads": tally.re_uploads,
             "delivered_in_channel": tally.delivered_in_channel,
+            "requests_elsewhere": self.requests_elsewhere,
+            "key_sent_elsewhere": self.key_sent_elsewhere,
             "kills": len(self.kills),
             "kills_on_target": sum(1 for kill in self.kills if kill.on_target),
             "wall_seconds": round(self.wall_seconds, 1),
@@ -181,6 +199,8 @@ class SuiteReport:
             ("duplicated (delivery)", tally.duplicate_deliveries),
             ("misdelivered", tally.misdelivered),
             ("re-uploads to the same message", tally.re_uploads),
+            ("requests to the other origin", self.requests_elsewhere),
+            ("key_sent_elsewhere", self.key_sent_elsewhere),
             (
                 "kills (SIGKILL) / on target",
                 f"{len(self.kills)} / {sum(1 for k in self.kills if k.on_target)}",
@@ -328,10 +348,24 @@ def tally(outcomes: list[CommandOutcome], submits_total: int, unmatched: int) ->
     )
 
 
-def faults_served(discord: DiscordStandIn, segmind: SegmindServer) -> dict[str, int]:
-    """Every request the stand-ins answered with a fault (or dropped), by kind and target."""
+def faults_served(
+    discord: DiscordStandIn,
+    segmind: SegmindServer,
+    attributed: Iterable[tuple[str, RequestRecord]] = (),
+) -> dict[str, int]:
+    """Every request the stand-ins answered with a fault (or dropped), by kind and target.
+
+    `attributed` names the fault that hit each request the records alone cannot tell (see the module
+    docstring); those are counted under that name, and not again by their status.
+    """
     served: Counter[str] = Counter()
+    seen: set[int] = set()
+    for name, record in attributed:
+        served[f"{name}:{record.target}"] += 1
+        seen.add(id(record))
     for record in segmind.stats.requests:
+        if id(record) in seen:
+            continue
         if record.status is None:
             served[f"segmind_drop:{record.target}"] += 1
         elif record.status >= 500:

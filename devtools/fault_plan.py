@@ -3,6 +3,33 @@
 The plan is fully determined by the seed. How it interleaves with the bot's own timing is not (the bot
 runs in another process with jittered retries), so two runs with one seed send the same commands and the
 same faults in the same order, but not at exactly the same points of each job.
+
+Besides plain failures (5xx bursts, dropped connections, slow answers, 429s), the plan holds the hostile
+answers of a Segmind that breaks its own API (see devtools/segmind_faults.py) that the bot promises to
+ride out, each job still ending with its images:
+
+* ``segmind_foreign_urls`` (submit): the answer's status and response URLs point at another origin; the
+  bot polls the documented URLs on its base URL instead, and the key never leaves it.
+* ``segmind_redirect`` (status, result): ``307`` to another origin, never followed; retried like a 5xx.
+* ``segmind_odd_reset`` (status): ``429`` whose reset header is absurd ("inf", "-1", "garbage",
+  "99999999999"); counted as unknown, so the bot waits briefly and asks again.
+* ``segmind_huge_body`` (status): 8 to 20 MiB of JSON, cut off at the bot's cap and retried.
+* ``segmind_malformed`` (status, result): a 200 that is not JSON, not an object, or an unknown status;
+  retried like a 5xx.
+* ``segmind_odd_image`` (output): the file is a multi-picture JPEG (MPO); delivered as a JPEG.
+* ``segmind_many_outputs`` (result): more outputs than samples asked for; only those asked for are fetched.
+
+The "other origin" is a server the suite starts itself; it records every request and the suite counts
+those carrying the Segmind key (``key_sent_elsewhere``, which must stay 0).
+
+Left out on purpose, because they make a job fail by design (the client tests cover them): ``echo_key``
+(an error text repeating the key: the job fails, with the key scrubbed), foreign output URLs
+(``foreign_urls`` on a result: outputs outside Segmind are refused), and odd images other than MPO (GIF,
+garbage and the like are refused).
+
+Every failing fault is kept within the retries the bot promises: status and result GETs get five
+attempts, downloads three, so one injection hits its target at most two or three times, and the suite
+injects the next fault on a target only once the requests the previous one failed have succeeded.
 """
 
 from __future__ import annotations
@@ -16,6 +43,13 @@ FaultName = Literal[
     "segmind_drop",
     "segmind_slow",
     "segmind_429_submit",
+    "segmind_foreign_urls",
+    "segmind_redirect",
+    "segmind_odd_reset",
+    "segmind_huge_body",
+    "segmind_malformed",
+    "segmind_odd_image",
+    "segmind_many_outputs",
     "discord_429_edit",
     "discord_5xx_edit",
     "token_expired",
@@ -28,9 +62,26 @@ FAULT_NAMES: tuple[FaultName, ...] = (
     "segmind_drop",
     "segmind_slow",
     "segmind_429_submit",
+    "segmind_foreign_urls",
+    "segmind_redirect",
+    "segmind_odd_reset",
+    "segmind_huge_body",
+    "segmind_malformed",
+    "segmind_odd_image",
+    "segmind_many_outputs",
     "discord_429_edit",
     "discord_5xx_edit",
     "token_expired",
+)
+# The hostile answers (see the module docstring): Segmind breaking its own API.
+HOSTILE_FAULT_NAMES: tuple[FaultName, ...] = (
+    "segmind_foreign_urls",
+    "segmind_redirect",
+    "segmind_odd_reset",
+    "segmind_huge_body",
+    "segmind_malformed",
+    "segmind_odd_image",
+    "segmind_many_outputs",
 )
 # How often each fault is drawn, relative to the others.
 FAULT_WEIGHTS: dict[FaultName, float] = {
@@ -38,6 +89,13 @@ FAULT_WEIGHTS: dict[FaultName, float] = {
     "segmind_drop": 3.0,
     "segmind_slow": 2.0,
     "segmind_429_submit": 1.5,
+    "segmind_foreign_urls": 0.8,
+    "segmind_redirect": 1.0,
+    "segmind_odd_reset": 0.8,
+    "segmind_huge_body": 0.6,
+    "segmind_malformed": 1.0,
+    "segmind_odd_image": 0.8,
+    "segmind_many_outputs": 0.8,
     "discord_429_edit": 2.0,
     "discord_5xx_edit": 2.0,
     "token_expired": 0.6,
@@ -193,6 +251,8 @@ def _fault(rng: random.Random, name: FaultName, at: float) -> PlannedFault:
         return PlannedFault(
             at, name, "submit", rng.randint(1, 3), {"reset_after": round(rng.uniform(0.5, 2.0), 2)}
         )
+    if name in HOSTILE_FAULT_NAMES:
+        return _hostile_fault(rng, name, at)
     if name == "discord_429_edit":
         return PlannedFault(
             at, name, "edit_original", rng.randint(1, 3), {"retry_after": round(rng.uniform(0.3, 1.5), 2)}
@@ -203,6 +263,38 @@ def _fault(rng: random.Random, name: FaultName, at: float) -> PlannedFault:
         )
     # One job in flight has its interaction token expire: its images must reach the channel instead.
     return PlannedFault(at, name, "interaction", 1)
+
+
+ODD_RESET_VALUES = ("inf", "-1", "garbage", "99999999999")
+MALFORMED_BODIES = ("not json", "[]", '{"status": "WEIRD"}')
+# Paths on the other origin a redirect points at: where a client that followed it would send the key.
+REDIRECT_PATHS = ("/v2/requests/moved", "/steal", "/latest/meta-data/")
+HUGE_BODY_MIB = (8.0, 20.0)
+
+
+def _hostile_fault(rng: random.Random, name: FaultName, at: float) -> PlannedFault:
+    """The other origin's address is known only once the suite runs; it fills it in at injection."""
+    if name == "segmind_foreign_urls":
+        # A submit is never retried, and this one succeeds: the bot just polls the documented URLs.
+        return PlannedFault(at, name, "submit", rng.randint(1, 2))
+    if name == "segmind_redirect":
+        target = rng.choice(("status", "result"))
+        return PlannedFault(at, name, target, rng.randint(1, 2), {"path": rng.choice(REDIRECT_PATHS)})
+    if name == "segmind_odd_reset":
+        # A 429 on a GET waits in the paused budget without spending one of the five attempts.
+        return PlannedFault(at, name, "status", rng.randint(1, 3), {"value": rng.choice(ODD_RESET_VALUES)})
+    if name == "segmind_huge_body":
+        # Big enough to pass the bot's 1 MiB cap on status answers many times over, small enough to be quick.
+        params = {"mib": round(rng.uniform(*HUGE_BODY_MIB), 1), "content_length": rng.random() < 0.5}
+        return PlannedFault(at, name, "status", rng.randint(1, 2), params)
+    if name == "segmind_malformed":
+        target = rng.choice(("status", "result"))
+        return PlannedFault(at, name, target, rng.randint(1, 3), {"body": rng.choice(MALFORMED_BODIES)})
+    if name == "segmind_odd_image":
+        # Only MPO: the other odd formats make a job fail by design.
+        return PlannedFault(at, name, "output", rng.randint(1, 2), {"format": "mpo"})
+    # More outputs than the 1 or 2 samples any planned command asks for.
+    return PlannedFault(at, name, "result", rng.randint(1, 2), {"outputs": rng.randint(3, 8)})
 
 
 def _kills(rng: random.Random, count: int, window: float) -> list[PlannedKill]:

@@ -9,11 +9,18 @@ stand-ins answer with Segmind 5xx bursts, dropped connections and slow answers (
 429 on submit, Discord 429 and 5xx on the edit of the original response, an interaction token expiring
 mid-job, and the bot is SIGKILLed mid-job K times, each time started again on the same store.
 
+Segmind also turns hostile (see fault_plan's docstring for each kind and what is left out): status and
+response URLs on another origin, redirects there, absurd rate-limit reset headers, huge and malformed
+bodies, multi-picture JPEG outputs, more outputs than asked for. The other origin is a server the suite
+starts itself (127.0.0.1, a free port) that records every request and answers 404; `key_sent_elsewhere`
+counts the requests that reached it carrying the Segmind key, and any such request fails the run.
+
 Mid-job kills keep clear of three moments a SIGKILL can still hurt (see fault_plan.PlannedKill);
 `--edge-kills` adds one kill aimed at each of them, with a job of its own.
 
 Everything is then counted from what the stand-ins recorded: Segmind's accepted submits and the Discord
-messages holding each command's images. Exit status 0 only when nothing was lost and nothing duplicated.
+messages holding each command's images. Exit status 0 only when nothing was lost, nothing duplicated and
+the key was never sent elsewhere.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from devtools.discord_server import DEFAULT_USER_ID, DiscordStandIn, NoGatewayClientError
 from devtools.fault_count import (
     FiredCommand,
@@ -51,6 +60,7 @@ from devtools.fault_count import (
 )
 from devtools.fault_plan import (
     EDGE_STYLES,
+    HOSTILE_FAULT_NAMES,
     KillStyle,
     Plan,
     PlannedCommand,
@@ -60,6 +70,7 @@ from devtools.fault_plan import (
 )
 from devtools.fault_process import BOT_TOKEN, SEGMIND_KEY, BotLauncher
 from devtools.segmind_server import SegmindServer, SegmindServerSettings
+from devtools.segmind_stats import RequestRecord
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 SEGMIND_TARGETS = ("submit", "status", "result", "output")
@@ -67,6 +78,71 @@ POLL = 0.1
 # A mid-job kill keeps this far from an acknowledgement, a submit and a channel post (see PlannedKill).
 EDGE_CLEARANCE = 0.3
 EDGE_HOLD_SECONDS = 1.5
+# Planned fault -> the stand-in's fault kind, for the faults whose parameters pass through as planned.
+SEGMIND_KINDS = {
+    "segmind_5xx": "server_error",
+    "segmind_drop": "drop",
+    "segmind_slow": "slow",
+    "segmind_odd_reset": "odd_reset",
+    "segmind_huge_body": "huge_body",
+    "segmind_malformed": "malformed",
+    "segmind_odd_image": "odd_image",
+    "segmind_many_outputs": "many_outputs",
+}
+# Faults the request records cannot tell from an ordinary answer (or, for odd_reset, from a plain 429):
+# the requests they hit are attributed from the order of arrival (see fault_count's docstring).
+ATTRIBUTED_FAULTS = frozenset({"segmind_slow", *HOSTILE_FAULT_NAMES})
+# Of those, the ones whose answer the bot retries: the request has failed until a retry succeeds.
+FAILING_ATTRIBUTED_FAULTS = frozenset(
+    {"segmind_redirect", "segmind_odd_reset", "segmind_huge_body", "segmind_malformed"}
+)
+
+
+@dataclass
+class ElsewhereRequest:
+    method: str
+    path: str
+    time: float
+    key_in: list[str]  # the header names (and "url") that carried the Segmind key; the key is not kept
+
+
+class OtherOrigin:
+    """Another origin on 127.0.0.1 (a free port): records every request that reaches it and answers 404.
+
+    A hostile Segmind points URLs and redirects here; a bot that followed them would send its key along.
+    """
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.requests: list[ElsewhereRequest] = []
+        self.base_url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._answer)
+        runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self._runner = runner
+        self.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        key_in = [name for name, value in request.headers.items() if self.secret in f"{name}: {value}"]
+        if self.secret in request.path_qs:
+            key_in.append("url")
+        path = request.path.replace(self.secret, "***")
+        self.requests.append(ElsewhereRequest(request.method, path, time.monotonic(), key_in))
+        return web.json_response({"error": "Not found"}, status=404)
+
+    @property
+    def key_sent(self) -> list[ElsewhereRequest]:
+        return [record for record in self.requests if record.key_in]
 
 
 @dataclass
@@ -114,6 +190,7 @@ class FaultSuite:
         self._play_start = 0.0
         self.discord: DiscordStandIn
         self.segmind: SegmindServer
+        self.elsewhere = OtherOrigin(SEGMIND_KEY)
         self.launcher: BotLauncher
 
     def now(self) -> float:
@@ -138,6 +215,7 @@ class FaultSuite:
         self.discord = DiscordStandIn(bot_token=BOT_TOKEN, gateway_resume_timeout=0.5)
         await self.segmind.start()
         await self.discord.start()
+        await self.elsewhere.start()
         self.launcher = BotLauncher(
             self.discord,
             self.segmind,
@@ -165,6 +243,7 @@ class FaultSuite:
             await self.launcher.stop_all()
             await self.discord.stop()
             await self.segmind.stop()
+            await self.elsewhere.stop()
 
     async def _play(self) -> None:
         """Commands and kills in one timeline (no command is sent while the bot is down); faults in another.
@@ -340,17 +419,20 @@ class FaultSuite:
                 await self._expire_one_token(injected)
                 continue
             await self._wait_until_target_is_clear(planned.target)
-            self._inject(planned)
+            self._inject(planned, injected)
             injected.injected_at = self.now()
 
-    def _inject(self, planned: PlannedFault) -> None:
+    def _inject(self, planned: PlannedFault, injected: InjectedFault) -> None:
         name, target, count, params = planned.name, planned.target, planned.count, planned.params
-        if name == "segmind_5xx":
-            self.segmind.inject("server_error", count=count, target=target)  # type: ignore[arg-type]
-        elif name == "segmind_drop":
-            self.segmind.inject("drop", count=count, target=target)  # type: ignore[arg-type]
-        elif name == "segmind_slow":
-            self.segmind.inject("slow", count=count, target=target, seconds=params["seconds"])  # type: ignore[arg-type]
+        if target in SEGMIND_TARGETS:
+            injected.first_request = self._requests_to(target)
+        if name in SEGMIND_KINDS:
+            self.segmind.inject(SEGMIND_KINDS[name], count=count, target=target, **params)  # type: ignore[arg-type]
+        elif name == "segmind_foreign_urls":
+            self.segmind.inject("foreign_urls", count=count, target="submit", origin=self.elsewhere.base_url)
+        elif name == "segmind_redirect":
+            location = self.elsewhere.base_url + params["path"]
+            self.segmind.inject("redirect", count=count, target=target, location=location)  # type: ignore[arg-type]
         elif name == "segmind_429_submit":
             self.segmind.inject("rate_limit", count=count, target="submit", reset_after=params["reset_after"])
         elif name == "discord_429_edit":
@@ -380,14 +462,52 @@ class FaultSuite:
         return len(self.discord.requests_for(target))
 
     def _failed_chains(self, target: str) -> set[str]:
-        """URLs whose latest request on this target failed in a way clients retry: they may be retrying now."""
-        records = (
-            self.segmind.stats.requests_to(target)
-            if target in SEGMIND_TARGETS
-            else self.discord.requests_for(target)
-        )
-        latest = {record.path: retryable_failure(record.status) for record in records}
-        return {path for path, failed in latest.items() if failed}
+        """URLs whose latest request on this target failed in a way clients retry: they may be retrying now.
+
+        On Segmind, a request a hostile fault answered with something the bot retries (a redirect, a huge
+        or malformed body, an absurd 429) has failed too; one a slow or harmless fault took has not, even
+        while its answer is still on its way. A URL naming no job Segmind accepted is left out: the bot's
+        one-off key check at start-up asks for a random id and never asks again.
+        """
+        if target not in SEGMIND_TARGETS:
+            records = self.discord.requests_for(target)
+            latest = {record.path: retryable_failure(record.status) for record in records}
+            return {path for path, failed in latest.items() if failed}
+        failing: set[int] = set()
+        harmless: set[int] = set()
+        for name, record in self._attributed(target):
+            (failing if name in FAILING_ATTRIBUTED_FAULTS else harmless).add(id(record))
+        known = {submit.request_id for submit in self.segmind.stats.submits}
+        latest = {
+            record.path: id(record) in failing
+            or (id(record) not in harmless and retryable_failure(record.status))
+            for record in self.segmind.stats.requests_to(target)
+        }
+        return {
+            path
+            for path, failed in latest.items()
+            if failed and (target == "submit" or job_in_path(path) in known)
+        }
+
+    def _attributed(self, target: str | None = None) -> list[tuple[str, RequestRecord]]:
+        """The requests hit by faults the records cannot tell apart, each with the fault's name.
+
+        Only one fault is pending per target and the stand-in serves them in order, so a fault's hits are
+        the first `count` requests to reach its target after it was injected.
+        """
+        found: list[tuple[str, RequestRecord]] = []
+        by_target: dict[str, list[RequestRecord]] = {}
+        for injection in self.injections:
+            start = injection.first_request
+            if injection.name not in ATTRIBUTED_FAULTS or start is None:
+                continue
+            if target is not None and injection.target != target:
+                continue
+            if injection.target not in by_target:
+                by_target[injection.target] = self.segmind.stats.requests_to(injection.target)
+            records = by_target[injection.target][start : start + injection.count]
+            found += [(injection.name, record) for record in records]
+        return found
 
     async def _wait_until_target_is_clear(self, target: str) -> None:
         """Until the previous fault on this target was served and every request it failed has succeeded.
@@ -462,6 +582,20 @@ class FaultSuite:
         injected["kill"] = len(self.kills)
         planned = Counter(f.name for f in self.plan.faults)
         planned["kill"] = len(self.plan.kills)
+        found = problems(outcomes, self.kills, logs)
+        leaks = self.elsewhere.key_sent
+        if leaks:
+            found.append(
+                {
+                    "tag": "(the other origin)",
+                    "issues": [f"the Segmind key was sent to another origin {len(leaks)} time(s)"],
+                    "submits": [],
+                    "log_lines": [
+                        f"{r.time - self.zero:.2f} s {r.method} {r.path} (key in {', '.join(r.key_in)})"
+                        for r in leaks
+                    ],
+                }
+            )
         return SuiteReport(
             options=options,
             tally=counts,
@@ -490,21 +624,15 @@ class FaultSuite:
                 # e.g. an upload cut off by a SIGKILL, which the Discord stand-in counts as its own error.
                 "stand_in_errors": [repr(error) for error in self.discord.internal_errors],
             },
-            problems=problems(outcomes, self.kills, logs),
+            problems=found,
+            requests_elsewhere=len(self.elsewhere.requests),
+            key_sent_elsewhere=len(leaks),
         )
 
     def _served(self) -> dict[str, int]:
-        served = faults_served(self.discord, self.segmind)
-        # A slow answer is still a 200, so the records cannot show it; but only one fault is pending per
-        # target, so the first requests to reach the target after the injection are the slowed ones.
-        for injection in self.injections:
-            if injection.name != "segmind_slow" or injection.injected_at is None:
-                continue
-            moment = self.zero + injection.injected_at
-            arrived = sum(1 for r in self.segmind.stats.requests_to(injection.target) if r.time >= moment)
-            key = f"segmind_slow:{injection.target}"
-            served[key] = served.get(key, 0) + min(injection.count, arrived)
-        return dict(sorted(served.items()))
+        # A slow answer, a malformed or huge 200 and the like look like any answer in the records; only
+        # one fault is pending per target, so the first requests to reach it after the injection are its.
+        return faults_served(self.discord, self.segmind, self._attributed())
 
     async def _wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -531,6 +659,16 @@ def hold_answers(discord: DiscordStandIn, route: str, seconds: float, count: int
             return reply
 
         entry.handler = held
+
+
+def job_in_path(path: str) -> str | None:
+    """The Segmind request id a status, result or output path names."""
+    parts = path.strip("/").split("/")
+    if len(parts) >= 3 and parts[:2] == ["v2", "requests"]:
+        return parts[2]
+    if len(parts) >= 2 and parts[0] == "outputs":
+        return parts[1]
+    return None
 
 
 def retryable_failure(status: int | None) -> bool:
@@ -580,27 +718,68 @@ async def run_suite(options: SuiteOptions, *, say: Callable[[str], None] = print
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    defaults = SuiteOptions()
     parser = argparse.ArgumentParser(
         prog="python -m devtools.fault_suite",
-        description="Run the real bot under injected faults and count lost and duplicated jobs.",
+        description="Run the real bot under injected faults (plain and hostile Segmind answers, Discord "
+        "errors, SIGKILLs) and count lost and duplicated jobs, and requests that sent the Segmind key to "
+        "another origin. Exit status 0 only when all three are 0.",
     )
-    parser.add_argument("--jobs", type=int, default=40, help="how many /imagine commands (default 40)")
-    parser.add_argument("--seed", type=int, default=1, help="seeds the plan: commands, faults, kill times")
-    parser.add_argument("--kills", type=int, default=3, help="SIGKILLs mid-job, each followed by a restart")
-    parser.add_argument("--store", choices=("sqlite", "redis"), default="sqlite")
-    parser.add_argument("--members", type=int, default=4, help="how many members send commands")
     parser.add_argument(
-        "--faults", type=int, default=None, help="how many faults (default: about 2 per 3 jobs)"
+        "--jobs", type=int, default=defaults.jobs, help="how many /imagine commands (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seeds the plan: commands, faults, kill times (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kills",
+        type=int,
+        default=defaults.kills,
+        help="SIGKILLs mid-job, each followed by a restart (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "redis"),
+        default=defaults.store,
+        help=f"the bot's store; redis uses {redact(REDIS_URL)} (TEST_REDIS_URL) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--members",
+        type=int,
+        default=defaults.members,
+        help="how many members send commands (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--faults",
+        type=int,
+        default=defaults.faults,
+        help="how many faults (default: about 2 per 3 jobs, and at least one of each kind)",
     )
     parser.add_argument(
         "--edge-kills",
         action="store_true",
         help="also kill right after an acknowledgement, during a submit, and after a channel post "
-        "(one more job each)",
+        "(one more job each; default: off)",
     )
-    parser.add_argument("--settle-timeout", type=float, default=120.0)
-    parser.add_argument("--workdir", type=Path, default=None, help="bot logs and SQLite file (default: temp)")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument(
+        "--settle-timeout",
+        type=float,
+        default=defaults.settle_timeout,
+        help="after the last command, how long to wait for every delivery at most, in seconds "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="bot logs and SQLite file (default: a new temporary directory)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write the JSON report here (default: no report file)"
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.kills < 0 or args.members < 1:
         parser.error("--jobs and --members must be at least 1, --kills at least 0")

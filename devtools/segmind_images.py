@@ -80,3 +80,34 @@ def _draw_caption(draw: ImageDraw.ImageDraw, width: int, height: int, lines: lis
     draw.rectangle((0, top, width, height), fill=(0, 0, 0))
     for number, line in enumerate(lines):
         draw.text((margin, top + margin + number * line_height), line, fill=(255, 255, 255), font=font)
+
+
+# Pillow's format name and the Content-Type a server would send for each odd output format.
+_ODD_FORMATS: dict[str, tuple[str, str]] = {
+    "mpo": ("MPO", "image/jpeg"),
+    "gif": ("GIF", "image/gif"),
+    "bmp": ("BMP", "image/bmp"),
+    "tiff": ("TIFF", "image/tiff"),
+    "png": ("PNG", "image/png"),
+    "webp": ("WEBP", "image/webp"),
+}
+GARBAGE = b"this is not an image, whatever the Content-Type says\n" * 16
+
+
+def reencode_sample(jpeg: bytes, image_format: str) -> tuple[bytes, str]:
+    """A rendered JPEG served as another format (see the odd_image fault): the bytes and their Content-Type."""
+    if image_format == "truncated":
+        return jpeg[: len(jpeg) // 2], "image/jpeg"
+    if image_format == "garbage":
+        return GARBAGE, "image/jpeg"
+    pillow_format, content_type = _ODD_FORMATS[image_format]
+    with Image.open(io.BytesIO(jpeg)) as decoded:
+        image = decoded.convert("RGB")
+    buffer = io.BytesIO()
+    if image_format == "mpo":
+        # A primary picture and a smaller second one (as Ultra HDR gain maps and 3D cameras store them).
+        second = image.resize((max(1, image.width // 4), max(1, image.height // 4)))
+        image.save(buffer, format=pillow_format, save_all=True, append_images=[second], quality=JPEG_QUALITY)
+    else:
+        image.save(buffer, format=pillow_format)
+    return buffer.getvalue(), content_type

@@ -27,6 +27,10 @@ Where the page is silent, this server chooses:
 * Injected faults are served before any check; ``slow`` handles the request normally and delays the
   answer; ``drop`` closes the connection without an answer, after handling the request when
   ``after_accept`` is true (a submit then creates a job whose answer is lost).
+* Hostile faults play a Segmind that breaks its own API: foreign URLs, redirects, absurd reset headers,
+  huge or malformed bodies, the key echoed in error texts, odd output images, many outputs. Each kind and
+  its parameters are described in ``devtools.segmind_faults``; ``foreign_urls``, ``many_outputs`` and
+  ``odd_image`` handle the request normally (checks included) and change only the answer.
 * Jobs do not depend on the key that submitted them: any valid key may poll any job.
 
 ``/_control/...`` lets another process drive a server started from the command line: faults
@@ -53,6 +57,7 @@ from typing import Any
 from aiohttp import web
 
 from devtools.segmind_faults import Fault, FaultBook, FaultKind, FaultTarget, build_fault
+from devtools.segmind_images import reencode_sample
 from devtools.segmind_jobs import (
     RAI_ERROR,
     ImageStore,
@@ -79,6 +84,11 @@ RATE_WINDOW_SECONDS = 60.0
 SHUTDOWN_GRACE_SECONDS = 0.5
 MAX_RANDOM_SEED = 2**32  # what a seed of -1 is replaced with: a value below this
 _OUTPUT_NAME = re.compile(r"(\d+)\.jpeg")
+MIB = 1024 * 1024
+_STREAM_CHUNK = 64 * 1024
+# Faults that let the request be handled and change only its answer; the handler reads them from here.
+_FAULT_KEY = web.RequestKey("fault", Fault)
+_ANSWER_CHANGING_FAULTS = frozenset({"foreign_urls", "many_outputs", "odd_image"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -107,6 +117,12 @@ def fault_response(fault: Fault) -> web.Response:
         return error_response(406, "Insufficient credits")
     if fault.kind == "rate_limit":
         return error_response(429, "Rate limit exceeded", reset_header(fault.params["reset_after"]))
+    if fault.kind == "odd_reset":
+        return error_response(429, "Rate limit exceeded", {RATE_LIMIT_RESET_HEADER: fault.params["value"]})
+    if fault.kind == "redirect":
+        return error_response(307, "Temporary redirect", {"Location": fault.params["location"]})
+    if fault.kind == "malformed":
+        return web.Response(text=fault.params["body"], content_type="application/json")
     status = fault.next_server_status()
     return error_response(status, _SERVER_ERROR_MESSAGES.get(status, "Server error"))
 
@@ -117,6 +133,47 @@ _SERVER_ERROR_MESSAGES = {
     503: "Service unavailable",
     504: "Gateway timeout",
 }
+
+
+def echo_key_response(request: web.Request, target: str) -> web.Response:
+    """An error text that repeats the received key, as a careless gateway might."""
+    key = request.headers.get("x-api-key", "")
+    if target == "status":
+        return web.json_response(
+            {
+                "request_id": request.match_info.get("request_id", ""),
+                "status": "FAILED",
+                "error": f"Worker crashed: upstream refused credentials {key}",
+            },
+            status=422,
+        )
+    return error_response(500, f"Internal server error while serving key {key}")
+
+
+async def stream_huge_body(request: web.Request, fault: Fault) -> web.StreamResponse:
+    """About `mib` MiB of JSON written chunk by chunk, so neither side needs to hold it whole."""
+    prefix = json.dumps({"request_id": request.match_info.get("request_id", ""), "status": "PROCESSING"})
+    head = (prefix[:-1] + ', "padding": "').encode()
+    tail = b'"}'
+    padding = max(0, int(fault.params["mib"] * MIB) - len(head) - len(tail))
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    if fault.params["content_length"]:
+        response.content_length = len(head) + padding + len(tail)
+    else:
+        response.enable_chunked_encoding()
+    await response.prepare(request)
+    chunk = b"x" * _STREAM_CHUNK
+    try:
+        await response.write(head)
+        while padding > 0:
+            piece = chunk[:padding]
+            await response.write(piece)
+            padding -= len(piece)
+        await response.write(tail)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client stopped reading, which is what a careful client does
+    return response
 
 
 def _route_target(request: web.Request) -> str:
@@ -143,6 +200,7 @@ class SegmindServer:
         self._jobs: dict[str, Job] = {}
         self._schedule = WorkerSchedule()
         self._images = ImageStore()
+        self._extra_outputs: dict[str, int] = {}  # request id -> outputs listed by many_outputs
         self._key_windows: defaultdict[str, deque[float]] = defaultdict(deque)
         self._runner: web.AppRunner | None = None
         self.app = self._build_app()
@@ -222,6 +280,15 @@ class SegmindServer:
             self._drop_connection(request)
             # aiohttp fails to write this to the closed transport and drops it quietly.
             return web.Response(), False
+        if fault.kind in _ANSWER_CHANGING_FAULTS:
+            request[_FAULT_KEY] = fault
+            return await self._answer_errors_as_json(request, handler), True
+        if fault.kind == "malformed" and fault.params["after_accept"]:
+            await self._answer_errors_as_json(request, handler)
+        if fault.kind == "huge_body":
+            return await stream_huge_body(request, fault), True
+        if fault.kind == "echo_key":
+            return echo_key_response(request, _route_target(request)), True
         return fault_response(fault), True
 
     @staticmethod
@@ -329,7 +396,7 @@ class SegmindServer:
         job = self._schedule_job(params, queue_seconds=self.settings.queue_seconds)
         self._jobs[job.request_id] = job
         self.stats.submits.append(SubmitRecord(job.request_id, body, job.submitted_at))
-        base = self._base_url(request)
+        base = self._faulty_origin(request) or self._base_url(request)
         return web.json_response(
             {
                 "request_id": job.request_id,
@@ -369,20 +436,41 @@ class SegmindServer:
         )
 
     async def _outputs(self, job: Job, request: web.Request) -> list[str]:
-        if job.params.base64:
-            images = await self._images.all_samples(job)
+        fault = request.get(_FAULT_KEY)
+        count = job.params.samples
+        if fault is not None and fault.kind == "many_outputs":
+            count = fault.params["outputs"]
+            self._extra_outputs[job.request_id] = max(count, self._extra_outputs.get(job.request_id, 0))
+        foreign = self._faulty_origin(request)
+        if fault is not None and foreign is not None and "path" in fault.params:
+            return [foreign + fault.params["path"]] * count
+        if job.params.base64 and foreign is None:
+            images = await asyncio.gather(*(self._images.sample(job, index) for index in range(count)))
             return [base64.b64encode(image).decode("ascii") for image in images]
-        base = self._base_url(request)
-        return [f"{base}/outputs/{job.request_id}/{n}.jpeg" for n in range(1, job.params.samples + 1)]
+        base = foreign or self._base_url(request)
+        return [f"{base}/outputs/{job.request_id}/{n}.jpeg" for n in range(1, count + 1)]
 
     async def _output(self, request: web.Request) -> web.Response:
         job = self._jobs.get(request.match_info["request_id"])
         name = _OUTPUT_NAME.fullmatch(request.match_info["name"])
         number = int(name.group(1)) if name else 0
-        if job is None or job.state_at(self.clock()) != "COMPLETED" or not 1 <= number <= job.params.samples:
+        outputs = 0 if job is None else max(job.params.samples, self._extra_outputs.get(job.request_id, 0))
+        if job is None or job.state_at(self.clock()) != "COMPLETED" or not 1 <= number <= outputs:
             raise ApiError(404, "Output not found")
         image = await self._images.sample(job, number - 1)
+        fault = request.get(_FAULT_KEY)
+        if fault is not None and fault.kind == "odd_image":
+            body, content_type = await asyncio.to_thread(reencode_sample, image, fault.params["format"])
+            return web.Response(body=body, content_type=content_type)
         return web.Response(body=image, content_type="image/jpeg")
+
+    @staticmethod
+    def _faulty_origin(request: web.Request) -> str | None:
+        """The origin a foreign_urls fault points this answer's URLs at, if one hit this request."""
+        fault = request.get(_FAULT_KEY)
+        if fault is None or fault.kind != "foreign_urls":
+            return None
+        return str(fault.params["origin"]).rstrip("/")
 
     # ---- v1 --------------------------------------------------------------------------------------
 

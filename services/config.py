@@ -7,10 +7,16 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from services.store import check_database_url
 
 T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# Proxy guides give either the root or discord.py's Route.BASE (root + /api/v10); both name the same root.
+_DISCORD_API_PATH = re.compile(r"/api(?:/v\d+)?/*$", re.IGNORECASE)
 
 
 class ConfigError(Exception):
@@ -80,7 +86,7 @@ class Config:
             "job_lease_seconds": reader.get("JOB_LEASE_SECONDS", _at_least_one_second, cls.job_lease_seconds),
             "shard_count": reader.get("SHARD_COUNT", _int_at_least(1), None),
             "shard_ids": reader.get("SHARD_IDS", _shard_ids, None),
-            "discord_api_base": reader.get("DISCORD_API_BASE", _http_url, None),
+            "discord_api_base": reader.get("DISCORD_API_BASE", discord_api_root, None),
             "discord_gateway_url": reader.get("DISCORD_GATEWAY_URL", _ws_url, None),
             "log_level": reader.get("LOG_LEVEL", _log_level, cls.log_level),
         }
@@ -179,8 +185,18 @@ def _check_shards(count: int | None, ids: tuple[int, ...] | None, problems: list
 
 
 def _url_with_scheme(raw: str, schemes: tuple[str, ...]) -> str:
-    if not raw.startswith(tuple(f"{scheme}://" for scheme in schemes)) or len(raw.split("://", 1)[1]) == 0:
-        raise ValueError(f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+    expected = " or ".join(f"{scheme}://" for scheme in schemes)
+    scheme, separator, _ = raw.partition("://")
+    if not separator or scheme.lower() not in schemes:
+        raise ValueError(f"expected a URL starting with {expected}")
+    try:
+        parts = urlsplit(raw)
+        # A port that is not a number raises here, at start, rather than at the first request.
+        _ = parts.port
+    except ValueError:
+        raise ValueError("its port is not a number from 1 to 65535") from None
+    if not parts.hostname:
+        raise ValueError(f"it names no host after {scheme}://")
     return raw.rstrip("/")
 
 
@@ -192,8 +208,14 @@ def _ws_url(raw: str) -> str:
     return _url_with_scheme(raw, ("wss", "ws"))
 
 
+def discord_api_root(raw: str) -> str:
+    """The proxy's root, whether `raw` is that root or the versioned base (root + /api or /api/vN)."""
+    return _DISCORD_API_PATH.sub("", _http_url(raw)).rstrip("/")
+
+
 def _database_url(raw: str) -> str:
-    return _url_with_scheme(raw, ("sqlite", "redis", "rediss"))
+    check_database_url(raw)
+    return raw
 
 
 def _model_name(raw: str) -> str:

@@ -47,8 +47,10 @@ FLATTEN_BACKGROUND = (255, 255, 255)
 RESIZE_REDUCING_GAP = 3.0
 
 _FORMATS = ("JPEG", "PNG", "WEBP")
-_CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
-_EXTENSIONS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
+# A multi-picture JPEG (MPO: stereo pairs, Ultra HDR gain maps) is a JPEG whose first picture every viewer
+# shows, so Pillow's "MPO" is uploaded as the JPEG it is.
+_CONTENT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+_EXTENSIONS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 # Pillow's plugins report malformed input through several exception types.

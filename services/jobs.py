@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from services.images import ImageDecodeError, check_image, decode_base64_image
+from services.outputs import OutputPolicy, OutputRefused, RetryableOutput, fetch_output
 from services.quota import QuotaGuard
 from services.request import GenerationRequest
 from services.segmind import (
@@ -34,6 +35,7 @@ from services.segmind import (
     SubmittedJob,
 )
 from services.store.base import JobRecord, JobState, Store
+from services.store.guarded import StoreUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,6 +44,15 @@ CREDITS_FLAG = "segmind_out_of_credits"
 DEFAULT_RATE_LIMIT_WAIT = 5.0
 SEGMIND_RETENTION_SECONDS = 3600.0
 DOWNLOAD_ATTEMPTS = 3
+# Downloads get what is left of the job's deadline, but never less than this: a job Segmind finished just
+# before its deadline has been paid for and deserves a moment to arrive.
+MIN_DOWNLOAD_SECONDS = 5.0
+# A completed job whose delivery keeps failing is tried this many times across sweeps, then given to /jobs.
+MAX_DELIVERY_ATTEMPTS = 3
+# A reservation no saved job owns after this long was left by a process that died (or a store that failed)
+# between reserving and saving; it is refunded.
+ORPHAN_RESERVATION_SECONDS = 300.0
+RECORD_ATTEMPTS = 5
 
 
 class ProgressKind(StrEnum):
@@ -77,6 +88,29 @@ class SubmitInterrupted(Exception):
 
 class DownloadFailed(Exception):
     """An output could not be fetched or decoded."""
+
+
+class LeaseLost(Exception):
+    """Another process took this job over; whatever this one was about to post must not be posted."""
+
+
+@dataclass
+class Lease:
+    """The right to drive one job. `confirm()` renews it and says whether it is still ours (fencing)."""
+
+    job_id: str
+    owner: str
+    held: bool
+    _service: JobService
+
+    def __bool__(self) -> bool:
+        return self.held
+
+    async def confirm(self) -> None:
+        """Raises LeaseLost unless this holder still owns the job; called right before anything is posted."""
+        if not self.held or not await self._service.renew_lease(self.job_id, self.owner):
+            self.held = False
+            raise LeaseLost(self.job_id)
 
 
 class JobError(Exception):
@@ -125,6 +159,7 @@ class JobService:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
+        self.outputs = OutputPolicy(client.base_url)
         self.lease_seconds = lease_seconds
         # Unique per process run, so a restarted process waits for its dead predecessor's leases to lapse.
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -134,7 +169,7 @@ class JobService:
         self.credits_cooloff = credits_cooloff
         self.rate_limit_max_wait = rate_limit_max_wait
         self.max_download_bytes = max_download_bytes
-        self._download_timeout = aiohttp.ClientTimeout(total=download_timeout)
+        self.download_timeout = download_timeout
         self._clock = clock
 
     async def credits_exhausted_until(self) -> float | None:
@@ -142,35 +177,59 @@ class JobService:
 
     async def record(self, job: JobRecord, **changes: Any) -> JobRecord:
         job = job.evolve(self._clock(), **changes)
+        if job.finished and job.interaction_token is not None:
+            # Nothing more is sent through the interaction, so its token is not kept a moment longer.
+            job = job.evolve(job.updated_at, interaction_token=None)
         await self.store.save_job(job)
         return job
+
+    async def record_durably(self, job: JobRecord, **changes: Any) -> JobRecord:
+        """Like `record`, retried while the store is unavailable; for facts that exist nowhere else.
+
+        Gives up after a few tries and returns the record in memory, so the caller keeps following the job
+        (its next state change writes everything again) instead of dropping a job Segmind is billing.
+        """
+        for attempt in range(RECORD_ATTEMPTS):
+            try:
+                return await self.record(job, **changes)
+            except StoreUnavailable as error:
+                log.warning("job %s: could not record its state (%s); retrying", job.id, error)
+                await asyncio.sleep(min(4.0, 0.25 * 2**attempt))
+        log.error("job %s: its state could not be recorded; carrying on from memory", job.id)
+        return job.evolve(self._clock(), **changes)
 
     # -- leases: which process drives a job --
 
     @contextlib.asynccontextmanager
-    async def lease(self, job_id: str) -> AsyncIterator[bool]:
-        """Holds the job's lease (renewed in the background) for the block; yields False if another owns it.
+    async def lease(self, job_id: str) -> AsyncIterator[Lease]:
+        """Holds the job's lease (renewed in the background) for the block; a false Lease if another owns it.
 
         Each holder gets an owner name of its own, so two tasks of one process exclude each other too.
         """
         owner = f"{self.owner}:{secrets.token_hex(3)}"
-        if not await self.store.acquire_lease(job_id, owner, self.lease_seconds, self._clock()):
-            yield False
+        if not await self.renew_lease(job_id, owner):
+            yield Lease(job_id, owner, held=False, _service=self)
             return
         renewer = asyncio.create_task(self._renew_lease(job_id, owner, asyncio.current_task()))
         try:
-            yield True
+            yield Lease(job_id, owner, held=True, _service=self)
         finally:
             renewer.cancel()
             # Released even when the block is cancelled at shutdown, so the next process resumes at once.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.store.release_lease(job_id, owner))
 
+    async def renew_lease(self, job_id: str, owner: str) -> bool:
+        return await self.store.acquire_lease(job_id, owner, self.lease_seconds, self._clock())
+
     async def _renew_lease(self, job_id: str, owner: str, holder: asyncio.Task[Any] | None) -> None:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
             try:
-                renewed = await self.store.acquire_lease(job_id, owner, self.lease_seconds, self._clock())
+                renewed = await self.renew_lease(job_id, owner)
+            except StoreUnavailable as error:
+                log.warning("job %s: could not renew its lease: %s", job_id, error)
+                continue
             except Exception:
                 log.warning("job %s: could not renew its lease", job_id, exc_info=True)
                 continue
@@ -202,7 +261,12 @@ class JobService:
         request = GenerationRequest.from_payload(job.request)
         if job.state is JobState.SUBMITTED and job.segmind_request_id:
             log.info("job %s: resumed, following %s", job.id, job.segmind_request_id)
-            return await self.follow(job, self.client.resume(job.segmind_request_id, request), on_progress)
+            # The deadline counts from the first submit, so restarts cannot stretch a job's wait forever.
+            sent_at = job.submitted_at or job.created_at
+            submitted = self.client.resume(
+                job.segmind_request_id, request, submitted_at=time.monotonic() - (self._clock() - sent_at)
+            )
+            return await self.follow(job, submitted, on_progress)
         if job.state is JobState.COMPLETED:
             return await self.recover_images(job, request)
         raise ValueError(f"job {job.id} in state {job.state} cannot be resumed")
@@ -236,8 +300,9 @@ class JobService:
             await self._fail(job, error, billed=True)
             raise JobError(error, job=job, billed=True) from error
         await self.quota.commit(job.reservation_id or "")
+        deadline_at = submitted.submitted_at + self.client.deadline
         try:
-            images = await self.fetch_images(result)
+            images = await self.fetch_images(result, submitted.request.samples, deadline_at=deadline_at)
         except DownloadFailed as error:
             await self._fail(job, error, billed=True)
             raise JobError(error, job=job, billed=True) from error
@@ -262,7 +327,9 @@ class JobService:
             else:
                 submitted = self.client.resume(job.segmind_request_id or "", request)
                 result = await self.client.result(submitted)
-            images = await self.fetch_images(result)
+            images = await self.fetch_images(
+                result, request.samples, deadline_at=time.monotonic() + self.download_timeout
+            )
         except (SegmindError, DownloadFailed) as error:
             job = await self.record(
                 job, state=JobState.FAILED, error=f"{type(error).__name__}: {error}"[:500]
@@ -277,11 +344,42 @@ class JobService:
         return job
 
     async def mark_undeliverable(self, job: JobRecord, reason: str) -> JobRecord:
-        job = await self.record(job, state=JobState.FAILED, error=f"delivery failed: {reason}")
+        job = await self.record(job, state=JobState.UNDELIVERED, error=reason[:500])
         log.error(
             "job %s: images generated (%s) but not delivered: %s", job.id, job.segmind_request_id, reason
         )
         return job
+
+    async def delivery_failed(self, job: JobRecord, reason: str) -> JobRecord:
+        """Counts a failed delivery; the job stays completed for the next sweep until the attempts run out."""
+        attempts = job.delivery_attempts + 1
+        if attempts >= MAX_DELIVERY_ATTEMPTS:
+            return await self.mark_undeliverable(job.evolve(job.updated_at, delivery_attempts=attempts), reason)
+        job = await self.record(job, delivery_attempts=attempts, error=reason[:500])
+        log.warning(
+            "job %s: delivery attempt %d of %d failed (%s); the next sweep tries again",
+            job.id,
+            attempts,
+            MAX_DELIVERY_ATTEMPTS,
+            reason,
+        )
+        return job
+
+    async def reclaim_orphaned_reservations(self) -> int:
+        """Refunds reservations that no unfinished job owns, left by a crash or a store error before the save.
+
+        Listed before the jobs are read, and only when older than any save can take, so a reservation whose
+        job is being saved right now is never mistaken for an orphan.
+        """
+        stale = await self.store.reserved_before(self._clock() - ORPHAN_RESERVATION_SECONDS)
+        if not stale:
+            return 0
+        owned = {job.reservation_id for job in await self.store.unfinished_jobs(created_after=0.0)}
+        orphans = [reservation for reservation in stale if reservation not in owned]
+        for reservation in orphans:
+            await self.quota.refund(reservation)
+            log.warning("reservation %s: no saved job owns it; refunded", reservation)
+        return len(orphans)
 
     async def _submit(
         self, job: JobRecord, request: GenerationRequest, on_progress: ProgressCallback
@@ -289,7 +387,9 @@ class JobService:
         waited = 0.0
         while True:
             try:
-                return await self._submit_once(job, request, on_progress)
+                return await self._submit_once(
+                    job, request, on_progress, max_wait=max(0.0, self.rate_limit_max_wait - waited)
+                )
             except RateLimited as limited:
                 # A 429 means the job was not accepted, so submitting again later cannot double-bill.
                 await self.record(job, state=JobState.PENDING)
@@ -309,15 +409,17 @@ class JobService:
                 raise JobError(error, job=job, billed=False) from error
 
     async def _submit_once(
-        self, job: JobRecord, request: GenerationRequest, on_progress: ProgressCallback
+        self, job: JobRecord, request: GenerationRequest, on_progress: ProgressCallback, *, max_wait: float
     ) -> tuple[JobRecord, SubmittedJob]:
         """One submit. Once it is on its way, a cancellation (shutdown) waits for Segmind's answer and its
         record; before that, it simply stops."""
         on_its_way = False
 
         async def record_submitting() -> None:
-            nonlocal on_its_way
-            await self.record(job, state=JobState.SUBMITTING)
+            nonlocal on_its_way, job
+            job = await self.record(
+                job, state=JobState.SUBMITTING, submitted_at=job.submitted_at or self._clock()
+            )
             on_its_way = True
 
         def waiting_for_slot(position: int, _seconds: float) -> None:
@@ -325,9 +427,10 @@ class JobService:
 
         async def submit_and_record() -> tuple[JobRecord, SubmittedJob]:
             submitted = await self.client.submit(
-                request, on_budget_wait=waiting_for_slot, before_send=record_submitting
+                request, on_budget_wait=waiting_for_slot, before_send=record_submitting, max_wait=max_wait
             )
-            recorded = await self.record(
+            # Segmind accepted it and bills it: the request id must not be lost to a store hiccup.
+            recorded = await self.record_durably(
                 job, segmind_request_id=submitted.request_id, state=JobState.SUBMITTED
             )
             log.info("job %s: submitted as %s", job.id, submitted.request_id)
@@ -373,50 +476,53 @@ class JobService:
             "charged" if billed else "refunded",
         )
 
-    async def fetch_images(self, result: JobResult) -> list[bytes]:
-        images = []
-        for index, output in enumerate(result.outputs):
-            try:
-                if result.is_base64:
-                    data = decode_base64_image(output, index)
-                else:
-                    data = await self._download(output, index)
-                await asyncio.to_thread(check_image, data, index)
-            except ImageDecodeError as error:
-                raise DownloadFailed(str(error)) from error
-            images.append(data)
-        return images
+    async def fetch_images(self, result: JobResult, samples: int, *, deadline_at: float) -> list[bytes]:
+        """The job's images, downloaded (or decoded) and checked, all of them by ``deadline_at`` (monotonic)."""
+        outputs = result.outputs
+        if len(outputs) > samples:
+            # Only what was asked for is delivered (and paid for); the rest is not fetched at all.
+            log.warning(
+                "segmind %s: %d outputs for %d sample(s); using the first %d",
+                result.request_id,
+                len(outputs),
+                samples,
+                samples,
+            )
+            outputs = outputs[:samples]
+        bound = max(MIN_DOWNLOAD_SECONDS, deadline_at - time.monotonic())
+        try:
+            async with asyncio.timeout(bound):
+                return [await self._one_image(result, output, index) for index, output in enumerate(outputs)]
+        except TimeoutError:
+            raise DownloadFailed(f"the images were not downloaded within {bound:.0f} s") from None
+
+    async def _one_image(self, result: JobResult, output: str, index: int) -> bytes:
+        try:
+            if result.is_base64:
+                data = decode_base64_image(output, index)
+            else:
+                data = await self._download(output, index)
+            await asyncio.to_thread(check_image, data, index)
+        except ImageDecodeError as error:
+            raise DownloadFailed(str(error)) from error
+        return data
 
     async def _download(self, url: str, index: int) -> bytes:
         """Output files are plain GETs, so a dropped connection or a 5xx is simply tried again."""
         for attempt in range(DOWNLOAD_ATTEMPTS):
             try:
-                return await self._download_once(url, index)
-            except _RetryableDownload as error:
+                return await fetch_output(
+                    self._session,
+                    self.outputs,
+                    url,
+                    max_bytes=self.max_download_bytes,
+                    timeout=self.download_timeout,
+                )
+            except OutputRefused as error:
+                log.warning("output %d: not fetched: %s", index + 1, error)
+                raise DownloadFailed(f"image {index + 1}: {error}") from error
+            except RetryableOutput as error:
                 if attempt + 1 == DOWNLOAD_ATTEMPTS:
                     raise DownloadFailed(f"image {index + 1}: {error}") from error
                 await asyncio.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
-
-    async def _download_once(self, url: str, index: int) -> bytes:
-        try:
-            async with self._session.get(url, timeout=self._download_timeout) as response:
-                if response.status >= 500:
-                    raise _RetryableDownload(f"HTTP {response.status}")
-                if response.status != 200:
-                    raise DownloadFailed(f"image {index + 1}: HTTP {response.status}")
-                too_big = DownloadFailed(f"image {index + 1}: larger than {self.max_download_bytes} bytes")
-                if (response.content_length or 0) > self.max_download_bytes:
-                    raise too_big
-                data = bytearray()
-                async for chunk in response.content.iter_chunked(64 * 1024):
-                    data.extend(chunk)
-                    if len(data) > self.max_download_bytes:
-                        raise too_big
-                return bytes(data)
-        except (aiohttp.ClientError, TimeoutError) as error:
-            raise _RetryableDownload(type(error).__name__) from error
-
-
-class _RetryableDownload(Exception):
-    pass

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 import redis.asyncio as redis
 
@@ -18,6 +19,7 @@ from bot import DreamshaperBot, point_discord_py_at
 from devtools.discord_server import DiscordStandIn, InteractionHandle, StoredMessage
 from devtools.segmind_server import SegmindServer, SegmindServerSettings
 from services.config import Config
+from services.store import open_store
 
 SEGMIND_KEY = "sg_e2e_secret_key_93b1"
 BOT_TOKEN = "bot.e2e.secret-token-77"
@@ -135,6 +137,8 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 async def make_stack(tmp_path: Path, store_kind: str) -> AsyncIterator[StackFactory]:
     started: list[tuple[BotStack, asyncio.Task[None]]] = []
+    # Like bot.run: the sessions and stores are opened here, outlive their bots, and are closed last.
+    resources = contextlib.AsyncExitStack()
 
     async def make(
         segmind_settings: SegmindServerSettings | None = None,
@@ -171,7 +175,10 @@ async def make_stack(tmp_path: Path, store_kind: str) -> AsyncIterator[StackFact
             }
         )
         point_discord_py_at(config.discord_api_base, config.discord_gateway_url)
-        bot = DreamshaperBot(config)
+        http_session = await resources.enter_async_context(aiohttp.ClientSession())
+        store = await open_store(config.database_url)
+        resources.push_async_callback(store.close)
+        bot = DreamshaperBot(config, http_session=http_session, store=store)
         task = asyncio.create_task(bot.start(config.discord_token))
         stack = BotStack(discord, segmind, bot, config)
         started.append((stack, task))
@@ -181,14 +188,15 @@ async def make_stack(tmp_path: Path, store_kind: str) -> AsyncIterator[StackFact
 
     yield make
 
-    for stack, task in reversed(started):
-        await stack.bot.close()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(task, timeout=10)
-        await stack.discord.stop()
-        await stack.segmind.stop()
-        assert not stack.discord.internal_errors, stack.discord.internal_errors
-        assert_nothing_leaked(stack)
+    async with resources:
+        for stack, task in reversed(started):
+            await stack.bot.close()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=10)
+            await stack.discord.stop()
+            await stack.segmind.stop()
+            assert not stack.discord.internal_errors, stack.discord.internal_errors
+            assert_nothing_leaked(stack)
 
 
 def assert_nothing_leaked(stack: BotStack) -> None:

@@ -106,3 +106,82 @@ def test_bot_exits_2_with_one_message_and_no_traceback(tmp_path: Path) -> None:
     assert "QUOTA_MAX_CONCURRENT" in done.stderr
     assert ".env.example" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("api_base", "root"),
+    [
+        ("http://proxy:8080/api/v10", "http://proxy:8080"),
+        ("http://proxy:8080/api/v10/", "http://proxy:8080"),
+        ("http://proxy:8080/api", "http://proxy:8080"),
+        ("http://proxy:8080/api/v9", "http://proxy:8080"),
+        ("https://proxy.example/API/V10", "https://proxy.example"),
+        ("https://proxy.example/discord/api/v10", "https://proxy.example/discord"),
+    ],
+)
+def test_discord_api_base_takes_the_versioned_base_as_well_as_the_root(
+    api_base: str, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from discord.gateway import DiscordWebSocket
+    from discord.http import Route
+
+    from bot import point_discord_py_at
+
+    config = Config.from_env({**REQUIRED, "DISCORD_API_BASE": api_base})
+    assert config.discord_api_base == root
+    monkeypatch.setattr(Route, "BASE", Route.BASE)
+    monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", DiscordWebSocket.DEFAULT_GATEWAY)
+    # Either form, given straight to point_discord_py_at, ends in the one versioned base discord.py uses.
+    for given in (api_base, root):
+        point_discord_py_at(given, None)
+        used = Route.BASE
+        assert used == f"{root}/api/v10"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("sqlite://", "names no database file: use sqlite:///data/bot.sqlite3"),
+        ("sqlite:", "names no database file: use sqlite:///data/bot.sqlite3"),
+        ("sqlite:///", "names no database file"),
+        ("sqlite:///data/", "names a folder, not a database file"),
+        ("sqlite://data/bot.sqlite3", "reads 'data' as a host name: use three slashes"),
+        ("sqlite:data/bot.sqlite3", "needs three slashes after sqlite:"),
+        ("redis://", "names no Redis host"),
+        ("redis:", "names no Redis host"),
+        ("redis://127.0.0.1:port/0", "port is not a number"),
+        ("redis://127.0.0.1:6379/zero", "the database 'zero' is not a number"),
+        ("postgres://db/bot", "the scheme postgres: is not supported"),
+        ("data/bot.sqlite3", "it is not a URL"),
+    ],
+)
+def test_a_malformed_database_url_is_told_what_is_wrong(url: str, says: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({**REQUIRED, "DATABASE_URL": url})
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"DATABASE_URL={url!r} is invalid: ")
+    assert says in problem
+    assert "expected a URL starting with" not in problem
+
+
+def test_a_database_url_problem_never_repeats_the_password() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({**REQUIRED, "DATABASE_URL": "redis://:hunter2@127.0.0.1:port/0"})
+    assert "port is not a number" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "url", "says"),
+    [
+        ("DISCORD_API_BASE", "http://", "names no host after http://"),
+        ("DISCORD_API_BASE", "http://proxy:port", "port is not a number"),
+        ("SEGMIND_BASE_URL", "https://:443", "names no host after https://"),
+        ("DISCORD_GATEWAY_URL", "ws://proxy:gateway", "port is not a number"),
+    ],
+)
+def test_a_url_without_a_host_or_with_a_bad_port_is_refused_at_start(name: str, url: str, says: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env({**REQUIRED, name: url})
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{name}=") and says in problem

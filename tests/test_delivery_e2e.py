@@ -83,7 +83,7 @@ async def make_undeliverable(stack: BotStack, prompt: str) -> None:
     await handle.wait_for_callback()
     stack.discord.expire_interaction_tokens()
     stack.discord.inject("channel_message", status=403, count=10, code=50013)
-    await wait_for_latest_job(stack, JobState.FAILED, timeout=30)
+    await wait_for_latest_job(stack, JobState.UNDELIVERED, timeout=30)
 
 
 async def wait_for_latest_job(stack: BotStack, state: JobState, timeout: float = 15) -> None:

@@ -1,5 +1,8 @@
 """The fault suite, small: the real bot process under Segmind and Discord faults and a SIGKILL, on either store.
 
+The small run holds every fault kind at least once, the hostile Segmind answers included (see
+devtools/fault_plan.py), and none may cost a job or send the Segmind key to another origin.
+
 The edge tests each aim one kill at a moment the bot does not survive yet (see devtools/fault_plan.py,
 PlannedKill): they are expected to fail until the bot handles that moment, and fail loudly (strict) once
 it does, so the marker can go.
@@ -7,12 +10,15 @@ it does, so the marker can go.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from devtools.fault_plan import KillStyle
-from devtools.fault_suite import SuiteOptions, SuiteReport, run_suite
+from devtools.fault_plan import FAULT_NAMES, HOSTILE_FAULT_NAMES, KillStyle, make_plan
+from devtools.fault_process import SEGMIND_KEY
+from devtools.fault_suite import OtherOrigin, SuiteOptions, SuiteReport, parse_args, run_suite
 from tests.processes import database_url
 
 STORES = ["sqlite", "redis"]
@@ -28,6 +34,7 @@ def explain(report: SuiteReport) -> str:
         lines.append(f"{problem['tag']}: {problem['issues']}; submits {problem['submits']}")
         lines += [f"    {line}" for line in problem["log_lines"][-15:]]
     lines += report.log_findings["first_error_lines"]
+    lines.append(f"injections: {[vars(i) for i in report.injections]}")
     return "\n".join(lines)
 
 
@@ -49,7 +56,8 @@ def served(report: SuiteReport, prefix: str) -> int:
 
 @pytest.mark.parametrize("store", STORES)
 async def test_nothing_lost_or_duplicated_under_faults_and_a_kill(tmp_path: Path, store: str) -> None:
-    report = await run_small(tmp_path, store, jobs=8, kills=1, seed=3)
+    # Seed 50 puts each hostile kind among the first faults on its target, so eight jobs meet them all.
+    report = await run_small(tmp_path, store, jobs=8, kills=1, seed=50)
     why = explain(report)
     counts = report.tally
 
@@ -58,15 +66,70 @@ async def test_nothing_lost_or_duplicated_under_faults_and_a_kill(tmp_path: Path
     assert counts.duplicate_submits == 0 and counts.submits == 8, why
     assert counts.duplicate_deliveries == 0 and counts.misdelivered == 0, why
     assert counts.delivered == 8, why
+    assert report.key_sent_elsewhere == 0, why
+    assert report.ok, why
 
     # The faults really happened, as the stand-ins recorded them.
     assert served(report, "segmind_") >= 2, why
     assert served(report, "discord_429") + served(report, "discord_5") >= 1, why
     assert report.faults_injected.get("token_expired") == 1 and counts.delivered_in_channel >= 1, why
+    for name in HOSTILE_FAULT_NAMES:
+        assert report.faults_injected.get(name, 0) >= 1, (name, why)
+        assert served(report, f"{name}:") >= 1, (name, why)
     [kill] = report.kills
     assert kill.on_target and kill.submitted_in_flight, why
     assert [p["how_ended"] for p in report.processes] == ["killed", "terminated"], why
     assert report.log_findings["tracebacks"] == 0, why
+    # A key sent elsewhere fails the run like a lost job.
+    assert not dataclasses.replace(report, key_sent_elsewhere=1).ok
+
+
+def test_the_plan_holds_each_hostile_kind_within_what_the_bot_retries() -> None:
+    plan = make_plan(jobs=40, kills=3, seed=1)
+    names = {fault.name for fault in plan.faults}
+    assert set(FAULT_NAMES) <= names
+    for fault in plan.faults:
+        if fault.name not in HOSTILE_FAULT_NAMES:
+            continue
+        assert fault.count <= (2 if fault.target in ("submit", "output") else 3), fault
+        if fault.name == "segmind_odd_image":
+            assert fault.target == "output" and fault.params == {"format": "mpo"}, fault
+        if fault.name == "segmind_huge_body":
+            assert fault.target == "status" and 8 <= fault.params["mib"] <= 20, fault
+        if fault.name == "segmind_many_outputs":
+            assert fault.target == "result" and fault.params["outputs"] > 2, fault
+        if fault.name == "segmind_odd_reset":
+            assert fault.params["value"] in ("inf", "-1", "garbage", "99999999999"), fault
+    # Faults that make a job fail by design are not in the suite.
+    assert not any("echo_key" in name for name in FAULT_NAMES)
+
+
+async def test_the_other_origin_counts_requests_that_carry_the_key() -> None:
+    elsewhere = OtherOrigin(SEGMIND_KEY)
+    await elsewhere.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(
+                f"{elsewhere.base_url}/steal", headers={"x-api-key": SEGMIND_KEY}
+            ) as reply:
+                assert reply.status == 404
+            async with session.get(f"{elsewhere.base_url}/v2/requests/x/status") as reply:
+                assert reply.status == 404
+            async with session.post(f"{elsewhere.base_url}/q?key={SEGMIND_KEY}") as reply:
+                assert reply.status == 404
+    finally:
+        await elsewhere.stop()
+    assert [r.path for r in elsewhere.requests] == ["/steal", "/v2/requests/x/status", "/q"]
+    assert [[name.lower() for name in r.key_in] for r in elsewhere.key_sent] == [["x-api-key"], ["url"]]
+
+
+def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 40)", "(default: 1)", "(default: 3)", "(default: sqlite)", "(default: 120.0)"):
+        assert shown in text
 
 
 @pytest.mark.parametrize("style", ["after_ack", "after_channel_post"])

@@ -329,6 +329,6 @@ async def restart_bot(stack: BotStack) -> None:
     from bot import DreamshaperBot
 
     await stack.bot.close()
-    stack.bot = DreamshaperBot(stack.config)
+    stack.bot = DreamshaperBot(stack.config, http_session=stack.bot.http_session, store=stack.bot.store)
     asyncio.get_running_loop().create_task(stack.bot.start(stack.config.discord_token))
     await stack.discord.wait_until_ready(timeout=15, count=2)

@@ -9,15 +9,27 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from devtools.segmind_images import render_sample
 from devtools.segmind_server import SegmindServer, SegmindServerSettings
-from services.jobs import DownloadFailed, JobError, JobService, Progress, ProgressKind, SubmitInterrupted
+from services.images import prepare_for_upload
+from services.jobs import (
+    MIN_DOWNLOAD_SECONDS,
+    DownloadFailed,
+    JobError,
+    JobService,
+    Progress,
+    ProgressKind,
+    SubmitInterrupted,
+)
 from services.quota import QuotaGuard
 from services.request import GenerationRequest
 from services.segmind import (
     DurationModel,
     InsufficientCredits,
     JobFailed,
+    JobTimeout,
     RateLimited,
     RequestBudget,
     RetryPolicy,
@@ -220,3 +232,97 @@ async def test_a_submit_records_that_it_is_on_its_way_before_it_leaves(
         await running
     stored = await store.get_job(job.id)
     assert stored is not None and stored.state is JobState.SUBMITTED and stored.segmind_request_id
+
+
+async def test_a_resumed_job_keeps_the_deadline_of_its_first_submit(
+    service: JobService, server: SegmindServer, store: Store
+) -> None:
+    server.settings.seconds_per_step = 10.0  # far longer than any deadline here
+    service.client.deadline = 3.0
+    job = await new_job(service, GenerationRequest(prompt="slow"))
+    submitted = await service.client.submit(GenerationRequest.from_payload(job.request))
+    # Recorded by a process that submitted it 2.5 s ago and has since restarted.
+    job = await service.record(
+        job,
+        state=JobState.SUBMITTED,
+        segmind_request_id=submitted.request_id,
+        submitted_at=time.time() - 2.5,
+    )
+    started = time.monotonic()
+    with pytest.raises(JobError) as caught:
+        await service.resume(job, lambda _p: None)
+    assert isinstance(caught.value.cause, JobTimeout)
+    assert time.monotonic() - started < 2.0
+
+
+async def test_downloads_are_bounded_by_the_job_deadline(service: JobService, server: SegmindServer) -> None:
+    service.client.deadline = 2.0
+    server.inject("slow", target="output", count=10, seconds=30.0)
+    job = await new_job(service, GenerationRequest(prompt="x"))
+    started = time.monotonic()
+    with pytest.raises(JobError) as caught:
+        await service.run(job, lambda _p: None)
+    assert isinstance(caught.value.cause, DownloadFailed)
+    assert time.monotonic() - started < MIN_DOWNLOAD_SECONDS + 3.0
+
+
+async def test_outputs_beyond_the_samples_asked_for_are_not_fetched(
+    service: JobService, server: SegmindServer
+) -> None:
+    server.inject("many_outputs", target="result", outputs=12)
+    job = await new_job(service, GenerationRequest(prompt="x", samples=2))
+    generated = await service.run(job, lambda _p: None)
+    assert len(generated.images) == 2
+    assert sum(r.target == "output" for r in server.stats.requests) == 2
+
+
+async def test_a_multi_picture_jpeg_is_delivered_as_a_jpeg(service: JobService, server: SegmindServer) -> None:
+    server.inject("odd_image", target="output", format="mpo")
+    job = await new_job(service, GenerationRequest(prompt="x"))
+    generated = await service.run(job, lambda _p: None)
+    [prepared] = await prepare_for_upload(generated.images, limit_bytes=10 * 1024 * 1024, stem="x")
+    assert prepared.content_type == "image/jpeg" and prepared.filename.endswith(".jpeg")
+
+
+@pytest.mark.parametrize(
+    ("origin", "path"),
+    [
+        ("http://169.254.169.254", "/latest/meta-data/"),
+        ("http://[::ffff:169.254.169.254]", "/latest/meta-data/"),
+        ("http://10.0.0.1", "/image.jpeg"),
+    ],
+)
+async def test_output_urls_off_limits_are_never_fetched(
+    service: JobService, server: SegmindServer, origin: str, path: str
+) -> None:
+    server.inject("foreign_urls", target="result", origin=origin, path=path)
+    job = await new_job(service, GenerationRequest(prompt="x"))
+    started = time.monotonic()
+    with pytest.raises(JobError) as caught:
+        await service.run(job, lambda _p: None)
+    assert isinstance(caught.value.cause, DownloadFailed)
+    assert time.monotonic() - started < 5.0  # refused before any connection was tried
+
+
+async def test_output_files_never_carry_the_key(service: JobService, server: SegmindServer) -> None:
+    seen: list[dict[str, str]] = []
+
+    async def image(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.Response(body=render_sample(seed=1, index=0, samples=1, width=64, height=64, prompt="x"))
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", image)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        server.inject("foreign_urls", target="result", origin=f"http://127.0.0.1:{port}")
+        job = await new_job(service, GenerationRequest(prompt="x"))
+        generated = await service.run(job, lambda _p: None)
+    finally:
+        await runner.cleanup()
+    assert len(generated.images) == 1 and len(seen) == 1
+    assert "x-api-key" not in {name.lower() for name in seen[0]}

@@ -649,10 +649,9 @@ async def test_redis_key_prefix_from_url_and_argument() -> None:
     from_arg = await open_store(f"{REDIS_URL}?prefix={base}url:", key_prefix=f"{base}arg:")
     default = await open_store(REDIS_URL)
     try:
-        assert isinstance(from_url, RedisStore)
-        assert isinstance(from_arg, RedisStore)
-        assert isinstance(default, RedisStore)
-        assert (from_url.prefix, from_arg.prefix, default.prefix) == (
+        backends = [store.backend for store in (from_url, from_arg, default)]
+        assert all(isinstance(backend, RedisStore) for backend in backends)
+        assert tuple(backend.prefix for backend in backends) == (  # type: ignore[attr-defined]
             f"{base}url:",
             f"{base}arg:",
             "dreamshaper:",
@@ -668,3 +667,38 @@ async def test_redis_key_prefix_from_url_and_argument() -> None:
 async def test_redis_unreachable_fails_at_open() -> None:
     with pytest.raises((OSError, aioredis.RedisError)):
         await open_store("redis://127.0.0.1:1/0")
+
+
+async def test_reservations_still_reserved_are_listed_by_age(backend: Backend) -> None:
+    store = await backend.open()
+    old = await store.reserve(1, 1, LIMITS, NOW - 600)
+    settled = await store.reserve(2, 1, LIMITS, NOW - 600)
+    refunded = await store.reserve(3, 1, LIMITS, NOW - 600)
+    young = await store.reserve(4, 1, LIMITS, NOW)
+    assert all(isinstance(r, Reservation) for r in (old, settled, refunded, young))
+    await store.commit(settled.id)  # type: ignore[union-attr]
+    await store.refund(refunded.id)  # type: ignore[union-attr]
+    assert await store.reserved_before(NOW - 300) == [old.id]  # type: ignore[union-attr]
+    assert sorted(await store.reserved_before(NOW + 1)) == sorted([old.id, young.id])  # type: ignore[union-attr]
+
+
+async def test_a_record_that_cannot_be_read_is_skipped_not_fatal(backend: Backend) -> None:
+    store = await backend.open()
+    good = _job(state=JobState.SUBMITTED)
+    await store.save_job(good)
+    for job_id, data in (("bad-json", "{nope"), ("bad-state", '{"id": "bad-state", "state": "paused"}')):
+        if backend.kind == "sqlite":
+            with sqlite3.connect(backend.url.removeprefix("sqlite:///")) as db:
+                db.execute(
+                    "INSERT INTO jobs (id, user_id, state, created_at, updated_at, data) VALUES (?, 1, ?, ?, ?, ?)",
+                    (job_id, "pending", NOW, NOW, data),
+                )
+        else:
+            client = aioredis.from_url(REDIS_URL)
+            await client.set(f"{backend.key_prefix}job:{job_id}", data)
+            await client.zadd(f"{backend.key_prefix}jobs:unfinished", {job_id: NOW})
+            await client.zadd(f"{backend.key_prefix}user:1:jobs", {job_id: NOW})
+            await client.aclose()
+    assert [job.id for job in await store.unfinished_jobs(0.0)] == [good.id]
+    assert [job.id for job in await store.recent_jobs(1)] == [good.id]
+    assert await store.get_job("bad-json") is None

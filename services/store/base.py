@@ -6,11 +6,15 @@ same rules hold for every backend and tests can drive time explicitly.
 
 from __future__ import annotations
 
+import json
+import logging
 import secrets
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any, Literal, Protocol
+
+log = logging.getLogger(__name__)
 
 
 class JobState(StrEnum):
@@ -21,6 +25,8 @@ class JobState(StrEnum):
     SUBMITTED = "submitted"  # Segmind accepted it; segmind_request_id known; being polled
     COMPLETED = "completed"  # images obtained; delivery to Discord pending
     DELIVERED = "delivered"  # terminal
+    # Generated and paid for, but no delivery attempt reached the member: `/jobs` offers Resend.
+    UNDELIVERED = "undelivered"
     FAILED = "failed"  # terminal
 
 
@@ -58,6 +64,9 @@ class JobRecord:
     origin: str = "command"  # "command", "reroll", "same_seed"
     upload_limit: int | None = None  # the interaction's attachment size limit, for delivery after a restart
     requester_name: str | None = None
+    # Epoch seconds when the submit first left for Segmind: the job's deadline counts from here, restarts or not.
+    submitted_at: float | None = None
+    delivery_attempts: int = 0  # failed attempts to post a completed job; bounded across sweeps
 
     @property
     def finished(self) -> bool:
@@ -74,11 +83,30 @@ class JobRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRecord:
+        """A record from its stored form; `UnreadableJob` if it is not one this version understands."""
+        if not isinstance(data, dict):
+            raise UnreadableJob(f"a job record must be a JSON object, not {type(data).__name__}")
         # Unknown keys are dropped so records written by a newer version still load after a rollback.
         known = {f.name for f in fields(cls)}
         values = {key: value for key, value in data.items() if key in known}
-        values["state"] = JobState(values["state"])
-        return cls(**values)
+        try:
+            values["state"] = JobState(values["state"])
+            return cls(**values)
+        except (KeyError, TypeError, ValueError) as error:
+            raise UnreadableJob(f"{type(error).__name__}: {error}") from None
+
+
+class UnreadableJob(ValueError):
+    """A stored job record this version cannot load (bad JSON, unknown state, missing fields)."""
+
+
+def load_job(data: str | bytes, job_id: str) -> JobRecord | None:
+    """Parses a stored record; one that cannot be read is logged and skipped, so it strands no other job."""
+    try:
+        return JobRecord.from_dict(json.loads(data))
+    except ValueError as error:  # json's errors and UnreadableJob alike
+        log.error("job %s: its stored record cannot be read, so it is skipped: %s", job_id, error)
+        return None
 
 
 # A limit no real usage reaches; well inside the range Lua's doubles represent exactly.
@@ -162,6 +190,9 @@ class Store(Protocol):
     async def get_job(self, job_id: str) -> JobRecord | None: ...
 
     async def unfinished_jobs(self, created_after: float) -> list[JobRecord]: ...
+
+    # Reservations still reserved (neither committed nor refunded) that were created before ``before``.
+    async def reserved_before(self, before: float) -> list[str]: ...
 
     async def recent_jobs(self, user_id: int, limit: int = 10) -> list[JobRecord]: ...
 

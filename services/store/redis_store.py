@@ -9,6 +9,8 @@ Key layout (all under the configurable prefix):
 - ``user:<user>:jobs``    sorted set: job id -> created_at, the user's most recent jobs
 - ``lease:<job id>``      hash: owner, expires_at
 - ``flag:<name>``         until (epoch seconds)
+- ``reservations:reserved`` sorted set: reservation id -> created_at, for reservations still reserved,
+  so one left behind by a process that died before saving its job can be found and refunded
 
 Scripts declare every key they touch in KEYS (reservation ids embed the user id for that reason).
 Times are caller-supplied epoch floats; redis-py sends floats as repr() and Redis returns scores
@@ -19,9 +21,9 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from services.store.base import (
     UNFINISHED,
@@ -32,6 +34,7 @@ from services.store.base import (
     QuotaUsage,
     Reservation,
     check_images,
+    load_job,
     new_reservation_id,
     reservation_user,
     summarize,
@@ -43,7 +46,7 @@ RECENT_JOBS_KEPT = 100
 # Keys that only exist for bookkeeping outlive the data they describe by this much.
 GC_MARGIN = 3600
 
-# KEYS: times, records. ARGV: images, daily, max_concurrent, window, now, new_id, key_ttl.
+# KEYS: times, records, reserved index. ARGV: images, daily, max_concurrent, window, now, new_id, key_ttl.
 # Mirrors base.evaluate(); returns {"ok"} or {reason, used, in_flight, resets_score or ""}.
 RESERVE_LUA = """
 local times, records = KEYS[1], KEYS[2]
@@ -63,6 +66,7 @@ for i = 1, #entries, 2 do
   if (not record) or tonumber(score) <= cutoff then
     redis.call('ZREM', times, id)
     redis.call('HDEL', records, id)
+    redis.call('ZREM', KEYS[3], id)
   else
     local sep = string.find(record, ':', 1, true)
     local n = tonumber(string.sub(record, 1, sep - 1))
@@ -96,13 +100,15 @@ end
 
 redis.call('ZADD', times, ARGV[5], ARGV[6])
 redis.call('HSET', records, ARGV[6], ARGV[1] .. ':reserved')
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
 redis.call('EXPIRE', times, ARGV[7])
 redis.call('EXPIRE', records, ARGV[7])
 return {'ok'}
 """
 
-# KEYS: times, records. ARGV: reservation id, "commit" or "refund".
+# KEYS: times, records, reserved index. ARGV: reservation id, "commit" or "refund".
 SETTLE_LUA = """
+redis.call('ZREM', KEYS[3], ARGV[1])
 local record = redis.call('HGET', KEYS[2], ARGV[1])
 if not record then return 0 end
 local sep = string.find(record, ':', 1, true)
@@ -137,6 +143,11 @@ return 0
 
 
 class RedisStore:
+    """The shared store of several bot processes: every read-check-write is one Lua script."""
+
+    # A Redis that is down, restarting, read-only or out of memory; OSError for a socket torn mid-call.
+    TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
+
     def __init__(
         self,
         client: aioredis.Redis,
@@ -174,7 +185,11 @@ class RedisStore:
 
     def _quota_keys(self, user_id: int) -> list[str]:
         base = f"{self._prefix}quota:{user_id}"
-        return [f"{base}:times", f"{base}:res"]
+        return [f"{base}:times", f"{base}:res", self._reserved_key]
+
+    @property
+    def _reserved_key(self) -> str:
+        return f"{self._prefix}reservations:reserved"
 
     # --- quota ---
 
@@ -222,7 +237,7 @@ class RedisStore:
         await self._settle_script(keys=self._quota_keys(user_id), args=[reservation_id, action])
 
     async def usage(self, user_id: int, limits: QuotaLimits, now: float) -> QuotaUsage:
-        times_key, records_key = self._quota_keys(user_id)
+        times_key, records_key, _ = self._quota_keys(user_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zrange(times_key, 0, -1, withscores=True)
             pipe.hgetall(records_key)
@@ -267,7 +282,10 @@ class RedisStore:
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         data = await self._redis.get(self._job_key(job_id))
-        return None if data is None else _load_job(data)
+        return None if data is None else load_job(data, job_id)
+
+    async def reserved_before(self, before: float) -> list[str]:
+        return list(await self._redis.zrangebyscore(self._reserved_key, "-inf", f"({float(before)!r}"))
 
     async def unfinished_jobs(self, created_after: float) -> list[JobRecord]:
         ids = await self._redis.zrangebyscore(self._unfinished_key, f"({float(created_after)!r}", "+inf")
@@ -299,7 +317,10 @@ class RedisStore:
         if not ids:
             return []
         values = await self._redis.mget([self._job_key(job_id) for job_id in ids])
-        return [None if value is None else _load_job(value) for value in values]
+        return [
+            None if value is None else load_job(value, job_id)
+            for job_id, value in zip(ids, values, strict=True)
+        ]
 
     # --- leases ---
 
@@ -332,8 +353,3 @@ class RedisStore:
 
     async def clear_flag(self, name: str) -> None:
         await self._redis.delete(self._flag_key(name))
-
-
-def _load_job(data: str) -> JobRecord:
-    loaded: dict[str, Any] = json.loads(data)
-    return JobRecord.from_dict(loaded)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ from services.store.base import (
     Reservation,
     check_images,
     evaluate,
+    load_job,
     new_reservation_id,
     summarize,
 )
@@ -74,6 +76,11 @@ _FINISHED_SQL = ", ".join(f"'{state.value}'" for state in sorted(FINISHED))
 
 
 class SQLiteStore:
+    """The single-process store: one SQLite file, every read-check-write in one transaction."""
+
+    # What a locked, full or vanished database file raises; anything else is a bug, not an outage.
+    TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
         self._lock = asyncio.Lock()
@@ -220,9 +227,18 @@ class SQLiteStore:
 
     async def _select_jobs(self, clause: str, params: tuple[object, ...]) -> list[JobRecord]:
         async with self._reading() as db:
-            cursor = await db.execute(f"SELECT data FROM jobs {clause}", params)
+            cursor = await db.execute(f"SELECT id, data FROM jobs {clause}", params)
             rows = await cursor.fetchall()
-        return [JobRecord.from_dict(json.loads(row[0])) for row in rows]
+        return [job for row in rows if (job := load_job(row[1], row[0])) is not None]
+
+    async def reserved_before(self, before: float) -> list[str]:
+        async with self._reading() as db:
+            cursor = await db.execute(
+                "SELECT id FROM reservations WHERE state = ? AND created_at < ? ORDER BY created_at",
+                (RESERVED, before),
+            )
+            rows = await cursor.fetchall()
+        return [row[0] for row in rows]
 
     # --- leases ---
 

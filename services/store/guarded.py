@@ -1,0 +1,103 @@
+"""Every store call bounded in time, and every backend outage reported as one exception.
+
+A hung Redis or a SQLite file locked by another process must never hold an interaction past Discord's
+3 s or freeze a job: the caller gets `StoreUnavailable` and decides what to tell the member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from services.store.base import JobRecord, QuotaLimits, QuotaRefusal, QuotaUsage, Reservation, Store
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 5.0
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer in time, or its backend failed; nothing else about the call is known."""
+
+
+class GuardedStore:
+    """Wraps a backend so that each call ends within `timeout` seconds, or at once when its caller is cancelled.
+
+    The backend call runs in a task of its own: on a timeout or a cancellation that task is cancelled but
+    not awaited, because a statement stuck behind SQLite's lock (or a Redis socket that stopped answering)
+    would otherwise keep the caller waiting for the very thing the timeout is meant to cut short.
+    """
+
+    def __init__(
+        self, backend: Store, *, transient: tuple[type[BaseException], ...], timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.backend = backend
+        self.timeout = timeout
+        self._transient = transient
+
+    async def _guard(self, call: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(call)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.timeout)
+        except TimeoutError:
+            _abandon(task)
+            raise StoreUnavailable(f"the store did not answer within {self.timeout:g} s") from None
+        except asyncio.CancelledError:
+            _abandon(task)
+            raise
+        except self._transient as error:
+            raise StoreUnavailable(f"the store failed: {type(error).__name__}: {error}") from error
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+    async def reserve(
+        self, user_id: int, images: int, limits: QuotaLimits, now: float
+    ) -> Reservation | QuotaRefusal:
+        return await self._guard(self.backend.reserve(user_id, images, limits, now))
+
+    async def commit(self, reservation_id: str) -> None:
+        await self._guard(self.backend.commit(reservation_id))
+
+    async def refund(self, reservation_id: str) -> None:
+        await self._guard(self.backend.refund(reservation_id))
+
+    async def usage(self, user_id: int, limits: QuotaLimits, now: float) -> QuotaUsage:
+        return await self._guard(self.backend.usage(user_id, limits, now))
+
+    async def reserved_before(self, before: float) -> list[str]:
+        return await self._guard(self.backend.reserved_before(before))
+
+    async def save_job(self, job: JobRecord) -> None:
+        await self._guard(self.backend.save_job(job))
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        return await self._guard(self.backend.get_job(job_id))
+
+    async def unfinished_jobs(self, created_after: float) -> list[JobRecord]:
+        return await self._guard(self.backend.unfinished_jobs(created_after))
+
+    async def recent_jobs(self, user_id: int, limit: int = 10) -> list[JobRecord]:
+        return await self._guard(self.backend.recent_jobs(user_id, limit))
+
+    async def acquire_lease(self, job_id: str, owner: str, ttl: float, now: float) -> bool:
+        return await self._guard(self.backend.acquire_lease(job_id, owner, ttl, now))
+
+    async def release_lease(self, job_id: str, owner: str) -> None:
+        await self._guard(self.backend.release_lease(job_id, owner))
+
+    async def set_flag(self, name: str, until: float) -> None:
+        await self._guard(self.backend.set_flag(name, until))
+
+    async def get_flag(self, name: str, now: float) -> float | None:
+        return await self._guard(self.backend.get_flag(name, now))
+
+    async def clear_flag(self, name: str) -> None:
+        await self._guard(self.backend.clear_flag(name))
+
+
+def _abandon(task: asyncio.Future[object]) -> None:
+    task.cancel()
+    # Retrieved so an abandoned call that fails later does not log "exception was never retrieved".
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
