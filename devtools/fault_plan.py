@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 FaultName = Literal[
     "segmind_5xx",
@@ -57,22 +57,7 @@ FaultName = Literal[
 
 # Every fault stays within what the bot promises to ride out, so every job should still end with images:
 # status and result GETs get five attempts, downloads three, a Discord webhook call five.
-FAULT_NAMES: tuple[FaultName, ...] = (
-    "segmind_5xx",
-    "segmind_drop",
-    "segmind_slow",
-    "segmind_429_submit",
-    "segmind_foreign_urls",
-    "segmind_redirect",
-    "segmind_odd_reset",
-    "segmind_huge_body",
-    "segmind_malformed",
-    "segmind_odd_image",
-    "segmind_many_outputs",
-    "discord_429_edit",
-    "discord_5xx_edit",
-    "token_expired",
-)
+FAULT_NAMES: tuple[FaultName, ...] = get_args(FaultName)
 # The hostile answers (see the module docstring): Segmind breaking its own API.
 HOSTILE_FAULT_NAMES: tuple[FaultName, ...] = (
     "segmind_foreign_urls",
