@@ -1,4 +1,5 @@
-"""Entry point: check Python, load .env, validate the configuration, open resources, build the bot, run it."""
+"""Entry point: check Python, read the arguments and .env, validate the configuration, configure logging,
+open the store and the HTTP session, run the bot (`cogs.app`) and close them."""
 
 # The version check must run before the imports below (services need 3.11), hence imports after code.
 # Python compiles the whole file before running the check, so all of bot.py stays in syntax Python 3.7
@@ -35,32 +36,26 @@ import logging
 import os
 import signal
 import threading
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import aiohttp
 import discord
-import yarl
-from discord.ext import commands
 from dotenv import load_dotenv
 
-from services.config import Config, ConfigError, discord_api_root
-from services.jobs import JobService
-from services.quota import QuotaGuard
-from services.segmind import Forbidden, RequestBudget, SegmindClient, Unauthorized
-from services.store import Store, describe_open_failure, open_store
-from services.store.base import QuotaLimits
-
-if TYPE_CHECKING:
-    from cogs.delivery import JobRunner
+from cogs.app import CommandsRefused, DreamshaperBot, point_discord_py_at
+from services.config import Config, ConfigError
+from services.segmind import Forbidden, SegmindClient, Unauthorized
+from services.store import GuardedStore, describe_open_failure, open_store
 
 log = logging.getLogger("dreamshaper")
-
-EXTENSIONS: tuple[str, ...] = ("cogs.delivery", "cogs.imagine")
 
 # Exit statuses: 2 when only the operator can fix it (retrying changes nothing), 1 when a service that
 # may come back is down, so a supervisor's restart can help.
 EXIT_CONFIGURATION = 2
 EXIT_UNAVAILABLE = 1
+
+# The --env-file value that reads no file at all (tests pass it, so a developer's .env never leaks in).
+NO_ENV_FILE = "none"
 
 # A Redis host that drops packets would otherwise hold the start for as long as TCP keeps trying.
 STORE_OPEN_TIMEOUT = 15.0
@@ -74,8 +69,9 @@ Runs the Dreamshaper Discord bot: /imagine generates images with Dreamshaper SDX
 Segmind's serverless API, under a per-member quota.
 
 Every setting comes from the environment, and from a .env file beside bot.py (or in a folder above
-it) for variables the environment does not set. DISCORD_TOKEN and SEGMIND_API_KEY are required.
-.env.example lists every variable with its default and meaning: copy it to .env and fill it in.
+it, or the one --env-file names) for variables the environment does not set. DISCORD_TOKEN and
+SEGMIND_API_KEY are required. .env.example lists every variable with its default and meaning: copy
+it to .env and fill it in.
 
 Exit status: 0 after a clean stop, 2 for a configuration problem, 1 when Discord or the store cannot
 be reached."""
@@ -89,111 +85,7 @@ class StartupError(Exception):
         self.exit_status = exit_status
 
 
-def point_discord_py_at(api_base: str | None, gateway_url: str | None) -> None:
-    """Sends REST and gateway traffic to a proxy (or a local stand-in) instead of discord.com.
-
-    `api_base` may be the proxy's root or its versioned base (root + /api/v10); discord.py's paths are
-    relative to the versioned base, which is rebuilt from the root so the version is the one it speaks.
-    Resumes follow the `resume_gateway_url` that READY names, so the initial gateway is all that is needed.
-    """
-    if api_base:
-        discord.http.Route.BASE = f"{discord_api_root(api_base)}/api/v{discord.http.INTERNAL_API_VERSION}"
-    if gateway_url:
-        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
-
-
-class DreamshaperBot(commands.AutoShardedBot):
-    """The bot and the services it drives; the session and the store belong to the caller, who closes them."""
-
-    def __init__(self, config: Config, *, http_session: aiohttp.ClientSession, store: Store) -> None:
-        # Slash commands and buttons arrive as interactions, which need no privileged intents; the guilds
-        # intent keeps channels cached for results posted outside the interaction.
-        intents = discord.Intents.none()
-        intents.guilds = True
-        super().__init__(
-            command_prefix=commands.when_mentioned,
-            intents=intents,
-            allowed_mentions=discord.AllowedMentions.none(),
-            help_command=None,
-            # None lets Discord recommend a count; several processes must agree on SHARD_COUNT.
-            shard_count=config.shard_count,
-            shard_ids=list(config.shard_ids) if config.shard_ids is not None else None,
-        )
-        self.config = config
-        self.http_session = http_session
-        self.store = store
-        # Built here rather than in setup_hook: the Segmind key is checked before the Discord login, and
-        # setup_hook only runs once Discord has answered.
-        self.segmind = SegmindClient(
-            http_session,
-            api_key=config.segmind_api_key,
-            base_url=config.segmind_base_url,
-            model=config.segmind_model,
-            budget=RequestBudget(config.segmind_requests_per_minute),
-            deadline=config.segmind_job_deadline_seconds,
-        )
-        self.quota = QuotaGuard(
-            store,
-            QuotaLimits(config.quota_daily_images, config.quota_max_concurrent),
-            config.quota_exempt_role_ids,
-        )
-        self.jobs = JobService(
-            self.segmind,
-            store,
-            self.quota,
-            http_session,
-            credits_cooloff=config.credits_cooloff_seconds,
-            rate_limit_max_wait=config.rate_limit_max_wait_seconds,
-            lease_seconds=config.job_lease_seconds,
-        )
-        self.runner: JobRunner  # set by the cogs.delivery extension
-        self.accepting_jobs = True
-        self._shutdown: asyncio.Task[None] | None = None
-
-    async def setup_hook(self) -> None:
-        for extension in EXTENSIONS:
-            await self.load_extension(extension)
-        await self._sync_commands()
-
-    async def _sync_commands(self) -> None:
-        if self.config.discord_guild_ids:
-            # Guild commands appear at once; global ones can take up to an hour to reach every client.
-            for guild_id in self.config.discord_guild_ids:
-                guild = discord.Object(id=guild_id)
-                self.tree.copy_global_to(guild=guild)
-                try:
-                    synced = await self.tree.sync(guild=guild)
-                except (discord.Forbidden, discord.NotFound) as error:
-                    raise StartupError(
-                        f"Discord refused the bot's commands for server {guild_id} ({error.status} "
-                        f"{error.text or 'no reason given'}): check DISCORD_GUILD_IDS; the bot must be in every "
-                        "server listed there, invited with the applications.commands scope",
-                        EXIT_CONFIGURATION,
-                    ) from None
-                log.info("synced %d command(s) to guild %d", len(synced), guild_id)
-        else:
-            synced = await self.tree.sync()
-            log.info("synced %d global command(s)", len(synced))
-
-    async def on_ready(self) -> None:
-        log.info(
-            "connected as %s (%s) to %d guild(s)", self.user, getattr(self.user, "id", "?"), len(self.guilds)
-        )
-
-    async def close(self) -> None:
-        # Signal handlers and `async with` may both close the bot; the first call does the work and
-        # every caller waits for it, so the owner closes the store only once the bot is done with it.
-        self.accepting_jobs = False
-        if self._shutdown is None:
-            self._shutdown = asyncio.create_task(self._close_discord())
-        await asyncio.shield(self._shutdown)
-
-    async def _close_discord(self) -> None:
-        await super().close()
-        log.info("closed")
-
-
-async def open_configured_store(database_url: str) -> Store:
+async def open_configured_store(database_url: str) -> GuardedStore:
     threads_before = set(threading.enumerate())
     try:
         async with asyncio.timeout(STORE_OPEN_TIMEOUT):
@@ -250,6 +142,13 @@ async def log_in(bot: DreamshaperBot, config: Config) -> None:
     where = discord.http.Route.BASE
     try:
         await bot.login(config.discord_token)
+    except CommandsRefused as refused:
+        raise StartupError(
+            f"Discord refused the bot's commands for server {refused.guild_id} ({refused.status} "
+            f"{refused.reason or 'no reason given'}): check DISCORD_GUILD_IDS; the bot must be in every "
+            "server listed there, invited with the applications.commands scope",
+            EXIT_CONFIGURATION,
+        ) from None
     except discord.LoginFailure:
         raise StartupError(
             "Discord refused the bot token: check DISCORD_TOKEN (the Bot tab of the developer portal; "
@@ -283,12 +182,8 @@ def _discord_hint(config: Config) -> str:
 
 async def run(config: Config) -> None:
     # The store first: a bad DATABASE_URL stops the start before Discord or Segmind is contacted.
-    store = await open_configured_store(config.database_url)
-    try:
-        async with aiohttp.ClientSession() as http_session:
-            await run_bot(DreamshaperBot(config, http_session=http_session, store=store), config)
-    finally:
-        await store.close()
+    async with await open_configured_store(config.database_url) as store, aiohttp.ClientSession() as session:
+        await run_bot(DreamshaperBot(config, http_session=session, store=store), config)
 
 
 async def run_bot(bot: DreamshaperBot, config: Config) -> None:
@@ -313,21 +208,39 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bot.py", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help=f"read settings the environment does not set from PATH instead (default: the .env beside "
+        f"bot.py or in a folder above it); {NO_ENV_FILE} reads no file",
+    )
     return parser.parse_args(argv)
+
+
+def load_env_file(env_file: str | None) -> None:
+    """Adds the file's settings to the environment, which wins where both set one; a missing file named
+    explicitly raises FileNotFoundError."""
+    if env_file is None:
+        load_dotenv()  # finds the .env beside bot.py or in a folder above it, if there is one
+    elif env_file != NO_ENV_FILE:
+        if not Path(env_file).is_file():
+            raise FileNotFoundError(env_file)
+        load_dotenv(env_file)
 
 
 def configure_logging(config: Config) -> None:
     discord.utils.setup_logging(level=config.log_level_number, root=True)
-    # The bot never joins voice: "voice will NOT be supported" at every start would only be noise.
-    discord.VoiceClient.warn_nacl = False
-    discord.VoiceClient.warn_dave = False
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(max(config.log_level_number, logging.INFO))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parse_arguments(argv)
-    load_dotenv()
+    arguments = parse_arguments(argv)
+    try:
+        load_env_file(arguments.env_file)
+    except FileNotFoundError:
+        print(f"bot.py: --env-file {arguments.env_file}: no such file", file=sys.stderr)
+        return EXIT_CONFIGURATION
     try:
         config = Config.from_env(os.environ)
     except ConfigError as error:

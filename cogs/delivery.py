@@ -17,9 +17,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import discord
-from discord.ext import commands
+from discord.ext import commands, tasks
 
 from cogs import render
+from cogs.buttons import RerollButton, result_view
 from services.images import ImageDecodeError, PreparedImage, prepare_for_upload
 from services.jobs import (
     GeneratedImages,
@@ -36,7 +37,7 @@ from services.store.base import JobRecord, JobState
 from services.store.guarded import StoreUnavailable
 
 if TYPE_CHECKING:
-    from bot import DreamshaperBot
+    from cogs.app import DreamshaperBot
 
 log = logging.getLogger(__name__)
 
@@ -116,55 +117,9 @@ class ProgressMessage:
         await asyncio.sleep(max(0.0, self._last_edit + self._interval - time.monotonic()))
 
 
-class JobButton(
-    discord.ui.DynamicItem[discord.ui.Button[Any]],
-    template=r"ds:(?P<action>reroll|same|delete|info|resend):(?P<job_id>[A-Za-z0-9_-]{4,40})",
-):
-    """Result buttons carry the job id, and the job is looked up in the store, so they outlive restarts."""
-
-    LOOK = {
-        "reroll": ("Reroll", "🎲", discord.ButtonStyle.primary),
-        "same": ("Same seed", "🔁", discord.ButtonStyle.secondary),
-        "info": ("Info", "ℹ️", discord.ButtonStyle.secondary),
-        "delete": ("Delete", "🗑️", discord.ButtonStyle.danger),
-        "resend": ("Resend", "📬", discord.ButtonStyle.primary),
-    }
-
-    def __init__(self, action: str, job_id: str) -> None:
-        label, emoji, style = self.LOOK[action]
-        super().__init__(
-            discord.ui.Button(label=label, emoji=emoji, style=style, custom_id=f"ds:{action}:{job_id}")
-        )
-        self.action = action
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Button[Any], match: Any, /
-    ) -> JobButton:
-        return cls(match["action"], match["job_id"])
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        handler = getattr(interaction.client.get_cog("Imagine"), "on_button", None)
-        try:
-            if handler is not None:
-                await handler(interaction, self.action, self.job_id)
-        except Exception as error:
-            await answer_failure(
-                interaction, render.unexpected_error_reply(error, f"the {self.action} button")
-            )
-
-
-def result_view(job_id: str) -> discord.ui.View:
-    view = discord.ui.View(timeout=None)
-    for action in ("reroll", "same", "info", "delete"):
-        view.add_item(JobButton(action, job_id))
-    return view
-
-
 def _carries_job(message: discord.Message, job_id: str) -> bool:
     return any(
-        getattr(child, "custom_id", None) == f"ds:reroll:{job_id}"
+        getattr(child, "custom_id", None) == RerollButton.custom_id_for(job_id)
         for row in message.components
         for child in getattr(row, "children", [])
     )
@@ -173,19 +128,6 @@ def _carries_job(message: discord.Message, job_id: str) -> bool:
 def discord_files(prepared: list[PreparedImage]) -> list[discord.File]:
     # A File is consumed by one upload, so every attempt builds fresh ones.
     return [discord.File(io.BytesIO(image.data), filename=image.filename) for image in prepared]
-
-
-async def answer_failure(interaction: discord.Interaction, reply: render.FailureReply) -> None:
-    """Tells the member what went wrong without ever showing a traceback; the log has the details."""
-    try:
-        if interaction.response.is_done():
-            await interaction.edit_original_response(
-                content=reply.text, embed=None, attachments=[], view=None
-            )
-        else:
-            await interaction.response.send_message(reply.text, ephemeral=True)
-    except discord.HTTPException as error:
-        log.warning("could not tell the member about a failure: %s", error)
 
 
 class JobMessage:
@@ -217,18 +159,24 @@ class TokenExpired(Exception):
 
 
 class JobRunner(commands.Cog):
-    """Owns every running job of this process: fresh ones, and unfinished ones found in the store."""
+    """Owns every running job of this process: fresh ones, and unfinished ones found in the store.
+
+    A job runs here only while this process holds its lease, so of several processes sharing a store one
+    drives it, and one that lost the lease posts nothing. A sweep, every lease period from `cog_load` to
+    `cog_unload`, resumes jobs no live process holds (after a crash or a restart) and closes those past
+    Segmind's retention; a failed sweep is logged and the next one comes on time. Delivery and the
+    record of it go together, so a resumed job is posted once. At `cog_unload` running jobs are cancelled
+    once their state is written, for the next start to resume.
+    """
 
     def __init__(self, bot: DreamshaperBot) -> None:
         self.bot = bot
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._sweeper: asyncio.Task[None] | None = None
         self._credits_reported_until = 0.0
 
     async def cog_load(self) -> None:
-        self.bot.runner = self
-        self.bot.add_dynamic_items(JobButton)
-        self._sweeper = asyncio.create_task(self._sweep_forever())
+        self.sweeper.change_interval(seconds=self.bot.jobs.lease_seconds)
+        self.sweeper.start()
 
     async def cog_unload(self) -> None:
         await self.stop()
@@ -245,8 +193,7 @@ class JobRunner(commands.Cog):
 
     async def stop(self) -> None:
         """Running jobs are cancelled after their state is written, to be resumed later."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self.sweeper.cancel()
         running = {job_id: task for job_id, task in self._running.items() if not task.done()}
         for task in running.values():
             task.cancel()
@@ -266,15 +213,16 @@ class JobRunner(commands.Cog):
             len(running) - left,
         )
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except StoreUnavailable as error:
-                log.warning("could not look for unfinished jobs: %s", error)
-            except Exception:
-                log.exception("could not look for unfinished jobs")
-            await asyncio.sleep(self.bot.jobs.lease_seconds)
+    # The interval is the lease period, known once the bot is built: cog_load sets it.
+    @tasks.loop()
+    async def sweeper(self) -> None:
+        # Caught here: an exception would end the loop, and the next sweep may well succeed.
+        try:
+            await self.sweep()
+        except StoreUnavailable as error:
+            log.warning("could not look for unfinished jobs: %s", error)
+        except Exception:
+            log.exception("could not look for unfinished jobs")
 
     async def sweep(self) -> None:
         """Resumes unfinished jobs that no live process holds; closes those Segmind no longer keeps.
@@ -329,16 +277,19 @@ class JobRunner(commands.Cog):
         finally:
             await progress.finish()  # also on an unexpected error, or the ticker would outlive the job
         # Posting and recording the delivery go together, or a resumed job would be posted twice.
-        await uninterruptible(self.deliver(message, generated, lease))
+        await uninterruptible(self.deliver(generated, lease))
 
-    async def deliver(self, message: JobMessage, generated: GeneratedImages, lease: Lease) -> None:
+    async def deliver(self, generated: GeneratedImages, lease: Lease) -> None:
         """Posts the images where the member will see them, while this process still holds the job.
+
+        The job's interaction (its original response) is tried first, then the channel, then a DM.
 
         A failure that may pass (Discord 5xx or rate limits, images Pillow cannot prepare) leaves the job
         completed for the next sweep, a bounded number of times; then the member is told and `/jobs`
         offers Resend.
         """
         job, request = generated.job, generated.request
+        message = JobMessage(self.bot, job)
         try:
             prepared = await prepare_for_upload(
                 generated.images,
@@ -523,7 +474,3 @@ def _retry_after(error: discord.HTTPException, attempt: int) -> float:
     except ValueError:
         wait = 2.0**attempt
     return min(MAX_DISCORD_RETRY_AFTER, max(0.5, wait)) if math.isfinite(wait) else 2.0**attempt
-
-
-async def setup(bot: DreamshaperBot) -> None:
-    await bot.add_cog(JobRunner(bot))

@@ -1,10 +1,10 @@
 """Turn Segmind outputs into files Discord accepts.
 
 Discord takes at most 10 files per message and answers HTTP 413 when an upload
-exceeds the interaction's ``attachment_size_limit``. The bot must never see a
+exceeds the interaction's `attachment_size_limit`. The bot must never see a
 413, so images that don't fit are re-encoded (and if needed downscaled) until
 the whole batch does. The caller downloads the bytes; this module only uses
-Pillow, and ``prepare_for_upload`` keeps that CPU work off the event loop.
+Pillow, and `prepare_for_upload` keeps that CPU work off the event loop.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ _MAX_REASON_LEN = 200
 
 
 class ImageDecodeError(Exception):
-    """An output that is not a usable image; ``index`` is its 0-based position."""
+    """An output that is not a usable image; `index` is its 0-based position."""
 
     def __init__(self, index: int, reason: str) -> None:
         self.index = index
@@ -92,7 +92,7 @@ class PreparedImage:
 
 
 def decode_base64_image(value: str, index: int = 0) -> bytes:
-    """Decode plain, unpadded, URL-safe or ``data:...;base64,`` image payloads."""
+    """Decode plain, unpadded, URL-safe or `data:...;base64,` image payloads."""
     payload = value
     match = _DATA_URI.fullmatch(value.strip())
     if match is not None:
@@ -113,7 +113,7 @@ def decode_base64_image(value: str, index: int = 0) -> bytes:
 
 
 def check_image(data: bytes, index: int = 0) -> tuple[int, int, str]:
-    """Fully decode ``data`` and return ``(width, height, format)``."""
+    """Fully decode `data` and return `(width, height, format)`."""
     image = _load_image(data, index)
     return image.width, image.height, _format_of(image)
 
@@ -121,7 +121,7 @@ def check_image(data: bytes, index: int = 0) -> tuple[int, int, str]:
 def fit_for_upload(
     images: Sequence[bytes], *, limit_bytes: int, stem: str, max_files: int = MAX_FILES_PER_MESSAGE
 ) -> list[PreparedImage]:
-    """Return files whose total size fits one Discord upload of ``limit_bytes``.
+    """Return files whose total size fits one Discord upload of `limit_bytes`.
 
     Originals are kept byte-for-byte when they already fit; otherwise every
     image becomes a JPEG, lowering quality first and resolution second.
@@ -141,7 +141,7 @@ def fit_for_upload(
 async def prepare_for_upload(
     images: Sequence[bytes], *, limit_bytes: int, stem: str, max_files: int = MAX_FILES_PER_MESSAGE
 ) -> list[PreparedImage]:
-    """``fit_for_upload`` on a worker thread: decoding and encoding take seconds."""
+    """`fit_for_upload` on a worker thread: decoding and encoding take seconds."""
     # Snapshot the batch so a caller mutating its list can't race the worker.
     batch = _as_batch(images, max_files)
     return await asyncio.to_thread(
@@ -294,7 +294,7 @@ def _resized(source: Image.Image, scale: float) -> Image.Image:
 
 
 def _encode_within(frames: _LazyFrames, quality: int, budget: int) -> list[bytes] | None:
-    """JPEG-encode every frame, or return None as soon as the total exceeds ``budget``."""
+    """JPEG-encode every frame, or return None as soon as the total exceeds `budget`."""
     encoded: list[bytes] = []
     total = 0
     for index in range(len(frames)):

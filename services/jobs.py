@@ -143,6 +143,17 @@ async def uninterruptible(step: Awaitable[T]) -> T:
 
 
 class JobService:
+    """A job's life from its saved record to its images, in whichever process holds the job's lease.
+
+    It owns the job's state in the store (every change written before the next step, so any process can
+    resume it), the lease that lets one holder at a time drive it, and the quota settlement: committed
+    when Segmind billed the job, refunded when it did not. It guarantees that a job Segmind may have
+    accepted is never submitted again, that waiting for the result and the downloads is bounded by the
+    job's deadline, and that a fact known nowhere else (Segmind's request id) is written with retries
+    through a store outage. It knows nothing of Discord: progress goes up through a callback, results
+    come back as `GeneratedImages`.
+    """
+
     def __init__(
         self,
         client: SegmindClient,
@@ -263,7 +274,7 @@ class JobService:
             log.info("job %s: resumed, following %s", job.id, job.segmind_request_id)
             # The deadline counts from the first submit, so restarts cannot stretch a job's wait forever.
             sent_at = job.submitted_at or job.created_at
-            submitted = self.client.resume(
+            submitted = self.client.handle_for(
                 job.segmind_request_id, request, submitted_at=time.monotonic() - (self._clock() - sent_at)
             )
             return await self.follow(job, submitted, on_progress)
@@ -325,7 +336,7 @@ class JobService:
             if stored.get("outputs"):
                 result = JobResult(job.segmind_request_id or "", tuple(stored["outputs"]), False, metrics)
             else:
-                submitted = self.client.resume(job.segmind_request_id or "", request)
+                submitted = self.client.handle_for(job.segmind_request_id or "", request)
                 result = await self.client.result(submitted)
             images = await self.fetch_images(
                 result, request.samples, deadline_at=time.monotonic() + self.download_timeout
@@ -477,7 +488,7 @@ class JobService:
         )
 
     async def fetch_images(self, result: JobResult, samples: int, *, deadline_at: float) -> list[bytes]:
-        """The job's images, downloaded (or decoded) and checked, all of them by ``deadline_at`` (monotonic)."""
+        """The job's images, downloaded (or decoded) and checked, all of them by `deadline_at` (monotonic)."""
         outputs = result.outputs
         if len(outputs) > samples:
             # Only what was asked for is delivered (and paid for); the rest is not fetched at all.

@@ -83,7 +83,7 @@ class OutputPolicy:
         return self._allowed
 
     async def pinned_address(self, url: URL) -> IPAddress:
-        """The address to connect to for ``url``; OutputRefused if the URL or all its addresses are off limits."""
+        """The address to connect to for `url`; OutputRefused if the URL or all its addresses are off limits."""
         if url.scheme not in ALLOWED_SCHEMES or not url.host:
             raise OutputRefused(f"not an http(s) URL ({url.scheme or 'no'} scheme)")
         allowed = await self.allowed()
@@ -104,7 +104,7 @@ async def fetch_output(
     max_bytes: int,
     timeout: float,
 ) -> bytes:
-    """Downloads one output file, following at most MAX_REDIRECTS redirects, each checked by ``policy``."""
+    """Downloads one output file, following at most MAX_REDIRECTS redirects, each checked by `policy`."""
     target = URL(url)
     deadline = time.monotonic() + timeout
     for _hop in range(MAX_REDIRECTS + 1):

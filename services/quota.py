@@ -9,6 +9,15 @@ from services.store.base import QuotaLimits, QuotaRefusal, QuotaUsage, Reservati
 
 
 class QuotaGuard:
+    """Each member's image quota: the limits and exempt roles applied to the store's reservations.
+
+    It owns the policy (one set of limits, the roles exempt from them, the clock), not the counts: those
+    live in the store, whose `reserve` checks and records in one atomic step, so the limits hold exactly
+    across concurrent commands and across processes. A reservation is settled once, by `commit` when
+    Segmind billed the job or `refund` when it did not; exempt members get reservations too, under limits
+    nobody reaches, so their usage reads like everyone else's.
+    """
+
     def __init__(
         self,
         store: Store,

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real bot, started in-process against the local Discord and Segmind stand-ins."""
+"""Shared fixtures: the real bot, started in-process against the local Discord and Segmind stand-ins
+(`devtools.stack` builds them), and a fresh store of either kind for each test."""
 
 from __future__ import annotations
 
@@ -6,23 +7,28 @@ import asyncio
 import contextlib
 import json
 import os
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
-import aiohttp
 import pytest
-import redis.asyncio as redis
 
-from bot import DreamshaperBot, point_discord_py_at
-from devtools.discord_server import DiscordStandIn, InteractionHandle, StoredMessage
-from devtools.segmind_server import SegmindServer, SegmindServerSettings
-from services.config import Config
-from services.store import open_store
+from devtools.fakes.segmind.settings import SegmindServerSettings
+from devtools.stack import (
+    REDIS_URL,
+    BotStack,
+    Credentials,
+    drop_redis_keys,
+    redis_answers,
+    redis_prefix,
+    redis_url,
+    running_bot,
+    sqlite_url,
+    stand_ins,
+)
 
 SEGMIND_KEY = "sg_e2e_secret_key_93b1"
 BOT_TOKEN = "bot.e2e.secret-token-77"
+CREDENTIALS = Credentials(BOT_TOKEN, SEGMIND_KEY)
 BLOCKED_WORD = "forbidden"
 
 # The example payload on Segmind's Dreamshaper SDXL API page, as given there.
@@ -46,86 +52,36 @@ PAGE_EXAMPLE: dict[str, object] = {
 }
 
 
-@dataclass
-class BotStack:
-    discord: DiscordStandIn
-    segmind: SegmindServer
-    bot: DreamshaperBot
-    config: Config
-
-    async def imagine(self, timeout: float = 20, **options: object) -> InteractionHandle:
-        """Sends /imagine and waits until the bot's answer is final (result, error or refusal)."""
-        handle = await self.discord.send_slash_command("imagine", options, **self._user(options))
-        await self.settled(handle, timeout)
-        return handle
-
-    async def press(
-        self, message: StoredMessage, action: str, timeout: float = 20, **user: object
-    ) -> InteractionHandle:
-        button = next(
-            c["custom_id"]
-            for row in message.components
-            for c in row["components"]
-            if c["custom_id"].startswith(f"ds:{action}:")
-        )
-        handle = await self.discord.press_button(message, button, **user)  # type: ignore[arg-type]
-        await self.settled(handle, timeout)
-        return handle
-
-    async def settled(self, handle: InteractionHandle, timeout: float = 20) -> None:
-        """Waits until the interaction's answer is final: a reply, a result, an error, or a deletion."""
-
-        def done() -> bool:
-            callback = handle.callback
-            if callback is None:
-                return False
-            if callback.type == 4:
-                return True
-            original = handle.original
-            if callback.type == 6:
-                return original is not None and original.deleted
-            return original is not None and not original.loading and is_final(original)
-
-        await self.discord.wait_for(done, timeout)
-
-    @staticmethod
-    def _user(options: dict[str, object]) -> dict[str, object]:
-        return {
-            key: options.pop(key) for key in ("user_id", "roles", "permissions", "username") if key in options
-        }
-
-
-def is_final(message: StoredMessage) -> bool:
-    """A message that is a result (attachments) or an error, not a progress line."""
-    if message.attachments:
-        return True
-    return bool(message.content) and not message.content.startswith(("⏳", "📨", "🎨"))
-
-
 StackFactory = Callable[..., Awaitable[BotStack]]
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-async def redis_available() -> bool:
-    client = redis.from_url(REDIS_URL)
-    try:
-        return bool(await client.ping())
-    except Exception:
-        return False
-    finally:
-        await client.aclose()
+# The Redis stores the running test asked for; `redis_keys_removed` deletes their keys when it ends.
+_redis_stores: list[str] = []
 
 
 async def database_url(kind: str, tmp_path: Path) -> str:
-    """A fresh store: a SQLite file, or a Redis database under a key prefix of its own."""
+    """A fresh store: a SQLite file, or a Redis database under a key prefix of its own, emptied when the
+    test ends."""
     if kind == "sqlite":
-        return f"sqlite:///{tmp_path}/bot.sqlite3"
-    if not await redis_available():
+        return sqlite_url(tmp_path)
+    if not await redis_answers():
         if os.environ.get("REQUIRE_REDIS") == "1":
             pytest.fail(f"Redis is required (REQUIRE_REDIS=1) but {REDIS_URL} does not answer")
         pytest.skip(f"no Redis at {REDIS_URL}")
-    return f"{REDIS_URL}?prefix=test-{uuid.uuid4().hex[:8]}:"
+    url = redis_url("test")
+    _redis_stores.append(url)
+    return url
+
+
+@pytest.fixture(autouse=True)
+def redis_keys_removed() -> Iterator[None]:
+    """Every key a test's Redis stores wrote is deleted after the test, its bots and processes have ended
+    (an autouse fixture is torn down after the fixtures the test asked for)."""
+    yield
+    stores, _redis_stores[:] = list(_redis_stores), []
+    for url in stores:
+        asyncio.run(drop_redis_keys(url))
+    left = [url for url in stores if asyncio.run(drop_redis_keys(url))]
+    assert not left, f"keys written again under {[redis_prefix(url) for url in left]} after the test ended"
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -136,67 +92,41 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def make_stack(tmp_path: Path, store_kind: str) -> AsyncIterator[StackFactory]:
-    started: list[tuple[BotStack, asyncio.Task[None]]] = []
-    # Like bot.run: the sessions and stores are opened here, outlive their bots, and are closed last.
-    resources = contextlib.AsyncExitStack()
+    """Builds stand-ins and a bot on them, as often as a test asks; all are stopped when it ends, newest
+    first, and checked for internal errors and leaked secrets."""
+    started: list[BotStack] = []
+    running = contextlib.AsyncExitStack()
 
     async def make(
         segmind_settings: SegmindServerSettings | None = None,
         discord_options: dict[str, object] | None = None,
         **env: str,
     ) -> BotStack:
-        segmind = SegmindServer(
-            segmind_settings
-            or SegmindServerSettings(
-                api_keys=frozenset({SEGMIND_KEY}),
-                queue_seconds=0.3,
-                seconds_per_step=0.02,
-                blocked_words=frozenset({BLOCKED_WORD}),
-            )
+        settings = segmind_settings or CREDENTIALS.segmind_settings(
+            queue_seconds=0.3, seconds_per_step=0.02, blocked_words=frozenset({BLOCKED_WORD})
         )
-        await segmind.start()
-        discord = DiscordStandIn(bot_token=BOT_TOKEN, **(discord_options or {}))  # type: ignore[arg-type]
-        await discord.start()
-        config = Config.from_env(
-            {
-                "DISCORD_TOKEN": BOT_TOKEN,
-                "SEGMIND_API_KEY": SEGMIND_KEY,
-                "SEGMIND_BASE_URL": segmind.base_url,
-                "SEGMIND_REQUESTS_PER_MINUTE": "600",
-                "DATABASE_URL": await database_url(store_kind, tmp_path / str(len(started))),
-                "DISCORD_GUILD_IDS": str(discord.guild_id),
-                "DISCORD_API_BASE": discord.api_base,
-                "DISCORD_GATEWAY_URL": discord.gateway_url,
-                "QUOTA_DAILY_IMAGES": "20",
-                "QUOTA_MAX_CONCURRENT": "3",
-                # The stand-in's guild has one text channel; moderators read the same one here.
-                "MOD_LOG_CHANNEL_ID": str(discord.channel_id),
-                **env,
-            }
+        stand_in_env = await running.enter_async_context(
+            stand_ins(CREDENTIALS, settings, **(discord_options or {}))
         )
-        point_discord_py_at(config.discord_api_base, config.discord_gateway_url)
-        http_session = await resources.enter_async_context(aiohttp.ClientSession())
-        store = await open_store(config.database_url)
-        resources.push_async_callback(store.close)
-        bot = DreamshaperBot(config, http_session=http_session, store=store)
-        task = asyncio.create_task(bot.start(config.discord_token))
-        stack = BotStack(discord, segmind, bot, config)
-        started.append((stack, task))
-        await discord.wait_until_ready(timeout=15)
-        await discord.wait_for(lambda: bool(discord.synced_commands.get(discord.guild_id)), timeout=15)
+        database = await database_url(store_kind, tmp_path / str(len(started)))
+        bot_env = {
+            "SEGMIND_REQUESTS_PER_MINUTE": "600",
+            "QUOTA_DAILY_IMAGES": "20",
+            "QUOTA_MAX_CONCURRENT": "3",
+            # The stand-in's guild has one text channel; moderators read the same one here.
+            "MOD_LOG_CHANNEL_ID": str(stand_in_env.discord.channel_id),
+            **env,
+        }
+        stack = await running.enter_async_context(running_bot(stand_in_env, database, **bot_env))
+        started.append(stack)
         return stack
 
     yield make
 
-    async with resources:
-        for stack, task in reversed(started):
-            await stack.bot.close()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, timeout=10)
-            await stack.discord.stop()
-            await stack.segmind.stop()
-            assert not stack.discord.internal_errors, stack.discord.internal_errors
-            assert_nothing_leaked(stack)
+    await running.aclose()
+    for stack in reversed(started):
+        assert not stack.discord.internal_errors, stack.discord.internal_errors
+        assert_nothing_leaked(stack)
 
 
 def assert_nothing_leaked(stack: BotStack) -> None:

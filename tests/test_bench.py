@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from devtools.bench_report import (
+from devtools.bench.report import (
     ACK_HEADERS,
     FIT_HEADERS,
     POLLING_HEADERS,

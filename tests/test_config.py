@@ -3,11 +3,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from devtools.launcher import bot_command
 from services.config import Config, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def test_env_example_lists_every_variable_the_config_reads() -> None:
 def test_bot_exits_2_with_one_message_and_no_traceback(tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "SEGMIND_API_KEY": "k", "QUOTA_MAX_CONCURRENT": "none"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bot.py")],
+        bot_command(),  # reads no .env: a developer's would fill in the missing DISCORD_TOKEN
         check=False,
         cwd=tmp_path,
         env=env,
@@ -125,7 +125,7 @@ def test_discord_api_base_takes_the_versioned_base_as_well_as_the_root(
     from discord.gateway import DiscordWebSocket
     from discord.http import Route
 
-    from bot import point_discord_py_at
+    from cogs.app import point_discord_py_at
 
     config = Config.from_env({**REQUIRED, "DISCORD_API_BASE": api_base})
     assert config.discord_api_base == root

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from devtools.discord_server import InteractionHandle, StoredMessage
-from devtools.segmind_server import SegmindServerSettings
+from devtools.fakes.discord.server import InteractionHandle, StoredMessage
+from devtools.fakes.segmind.server import SegmindServerSettings
+from devtools.stack import BotStack
 from services.store.base import JobState
-from tests.conftest import SEGMIND_KEY, BotStack, StackFactory
+from tests.conftest import SEGMIND_KEY, StackFactory
 
 USER = 1_111_111_111_111_111_111
 

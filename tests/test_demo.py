@@ -12,9 +12,9 @@ from typing import Any, cast
 
 from PIL import Image
 
-from devtools.demo import DEFAULT_PROMPT
-from devtools.demo_transcript import TranscriptRecorder, build_transcript, render_markdown
-from devtools.discord_server import DiscordStandIn, StoredMessage
+from devtools.demo.run import DEFAULT_PROMPT
+from devtools.demo.transcript import TranscriptRecorder, build_transcript, render_markdown
+from devtools.fakes.discord.server import DiscordStandIn, StoredMessage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SIZE_7_9 = (896, 1152)  # the default --aspect

@@ -17,8 +17,8 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 from PIL import Image
 
-from bot import point_discord_py_at
-from devtools.discord_server import (
+from cogs.app import point_discord_py_at
+from devtools.fakes.discord.server import (
     DEFAULT_CHANNEL_ID,
     DEFAULT_GUILD_ID,
     DEFAULT_USER_ID,

@@ -14,11 +14,12 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import redis.asyncio as aioredis
 
-from devtools.discord_server import InteractionHandle, StoredMessage
-from devtools.segmind_server import SegmindServerSettings
-from devtools.tcp_proxy import ProxyMode, TcpProxy
+from devtools.fakes.discord.server import InteractionHandle, StoredMessage
+from devtools.fakes.segmind.server import SegmindServerSettings
+from devtools.fakes.tcp_proxy import ProxyMode, TcpProxy
+from devtools.stack import REDIS_URL, BotStack
 from services.store.base import JobRecord, JobState, QuotaLimits, Reservation, new_job_id
-from tests.conftest import REDIS_URL, SEGMIND_KEY, BotStack, StackFactory, database_url
+from tests.conftest import SEGMIND_KEY, StackFactory, database_url
 
 USER = 1_111_111_111_111_111_111
 OTHER_USER = 2_222_222_222_222_222_222

@@ -1,9 +1,9 @@
 """The fault suite, small: the real bot process under Segmind and Discord faults and a SIGKILL, on either store.
 
 The small run holds every fault kind at least once, the hostile Segmind answers included (see
-devtools/fault_plan.py), and none may cost a job or send the Segmind key to another origin.
+devtools/fault_suite/plan.py), and none may cost a job or send the Segmind key to another origin.
 
-The edge tests each aim one kill at a moment the bot does not survive yet (see devtools/fault_plan.py,
+The edge tests each aim one kill at a moment the bot does not survive yet (see devtools/fault_suite/plan.py,
 PlannedKill): they are expected to fail until the bot handles that moment, and fail loudly (strict) once
 it does, so the marker can go.
 """
@@ -16,10 +16,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from devtools.fault_plan import FAULT_NAMES, HOSTILE_FAULT_NAMES, KillStyle, make_plan
-from devtools.fault_process import SEGMIND_KEY
-from devtools.fault_suite import OtherOrigin, SuiteOptions, SuiteReport, parse_args, run_suite
-from tests.processes import database_url
+from devtools.fault_suite.plan import FAULT_NAMES, HOSTILE_FAULT_NAMES, KillStyle, make_plan
+from devtools.fault_suite.suite import (
+    SEGMIND_KEY,
+    OtherOrigin,
+    SuiteOptions,
+    SuiteReport,
+    parse_args,
+    run_suite,
+)
+from tests.conftest import database_url
 
 STORES = ["sqlite", "redis"]
 

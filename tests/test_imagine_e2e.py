@@ -9,9 +9,10 @@ import re
 
 from PIL import Image
 
-from devtools.discord_server import InteractionHandle, StoredMessage
-from devtools.segmind_server import SegmindServerSettings
-from tests.conftest import BLOCKED_WORD, SEGMIND_KEY, BotStack, StackFactory
+from devtools.fakes.discord.server import InteractionHandle, StoredMessage
+from devtools.fakes.segmind.server import SegmindServerSettings
+from devtools.stack import BotStack
+from tests.conftest import BLOCKED_WORD, SEGMIND_KEY, StackFactory
 
 OTHER_USER = 2_222_222_222_222_222_222
 PROGRESS_PREFIXES = ("⏳", "📨", "🎨")
@@ -292,7 +293,7 @@ async def test_delete_is_for_the_requester_or_moderators(make_stack: StackFactor
 async def test_buttons_keep_working_after_a_restart(make_stack: StackFactory) -> None:
     stack = await make_stack()
     first = result_of(await stack.imagine(prompt="a kite after restart", seed=5))
-    await restart_bot(stack)
+    await stack.restart()  # a new bot on the same store
     same = result_of(await stack.press(first, "same"))
     assert fields_of(same)["Seed"] == "`5`"
 
@@ -325,10 +326,3 @@ def channel_messages(stack: BotStack) -> list[StoredMessage]:
     ]
 
 
-async def restart_bot(stack: BotStack) -> None:
-    from bot import DreamshaperBot
-
-    await stack.bot.close()
-    stack.bot = DreamshaperBot(stack.config, http_session=stack.bot.http_session, store=stack.bot.store)
-    asyncio.get_running_loop().create_task(stack.bot.start(stack.config.discord_token))
-    await stack.discord.wait_until_ready(timeout=15, count=2)

@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from devtools.segmind_images import render_sample
-from devtools.segmind_server import SegmindServer, SegmindServerSettings
+from devtools.fakes.segmind.images import render_sample
+from devtools.fakes.segmind.server import SegmindServer, SegmindServerSettings
 from services.images import prepare_for_upload
 from services.jobs import (
     MIN_DOWNLOAD_SECONDS,

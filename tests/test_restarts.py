@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from devtools.discord_server import InteractionHandle
-from tests.processes import BotProcess, BotProcesses, bot_processes, database_url
+from devtools.fakes.discord.server import InteractionHandle
+from devtools.launcher import BotLauncher, BotProcess
+from tests.conftest import database_url
+from tests.processes import bot_processes
 
 __all__ = ["bot_processes"]
 
 STORES = ["sqlite", "redis"]
 
 
-def deliveries(processes: BotProcesses, handle: InteractionHandle) -> int:
+def deliveries(processes: BotLauncher, handle: InteractionHandle) -> int:
     """How many times images were posted for this interaction (its original response or the channel)."""
     uploads = [
         r
@@ -27,12 +29,12 @@ def deliveries(processes: BotProcesses, handle: InteractionHandle) -> int:
     return len(uploads)
 
 
-async def wait_for_submit(processes: BotProcesses, count: int = 1) -> None:
+async def wait_for_submit(processes: BotLauncher, count: int = 1) -> None:
     await processes.discord.wait_for(lambda: len(processes.segmind.stats.submits) >= count, timeout=20)
 
 
 async def start_one_job(
-    processes: BotProcesses, database: str, prompt: str, **options: object
+    processes: BotLauncher, database: str, prompt: str, **options: object
 ) -> tuple[BotProcess, InteractionHandle]:
     """The first bot process, with one /imagine acknowledged."""
     first = await processes.start(database, ready_count=1)
@@ -41,7 +43,7 @@ async def start_one_job(
     return first, handle
 
 
-async def wait_for_images(processes: BotProcesses, handle: InteractionHandle, timeout: float = 40) -> None:
+async def wait_for_images(processes: BotLauncher, handle: InteractionHandle, timeout: float = 40) -> None:
     await processes.discord.wait_for(lambda: deliveries(processes, handle) >= 1, timeout=timeout)
     # Give a duplicate delivery, if there were one, time to show up.
     await asyncio.sleep(1.0)
@@ -49,7 +51,7 @@ async def wait_for_images(processes: BotProcesses, handle: InteractionHandle, ti
 
 @pytest.mark.parametrize("store", STORES)
 async def test_sigkill_mid_generation_then_restart_delivers_once(
-    bot_processes: BotProcesses, tmp_path: Path, store: str
+    bot_processes: BotLauncher, tmp_path: Path, store: str
 ) -> None:
     database = await database_url(store, tmp_path)
     first, handle = await start_one_job(bot_processes, database, "survives a crash", samples=2)
@@ -67,7 +69,7 @@ async def test_sigkill_mid_generation_then_restart_delivers_once(
 
 @pytest.mark.parametrize("store", STORES)
 async def test_sigterm_stops_within_ten_seconds_and_the_job_resumes(
-    bot_processes: BotProcesses, tmp_path: Path, store: str
+    bot_processes: BotLauncher, tmp_path: Path, store: str
 ) -> None:
     database = await database_url(store, tmp_path)
     first, handle = await start_one_job(bot_processes, database, "a clean stop")
@@ -87,7 +89,7 @@ async def test_sigterm_stops_within_ten_seconds_and_the_job_resumes(
 
 @pytest.mark.parametrize("store", STORES)
 async def test_a_job_killed_before_its_submit_is_submitted_once_after_restart(
-    bot_processes: BotProcesses, tmp_path: Path, store: str
+    bot_processes: BotLauncher, tmp_path: Path, store: str
 ) -> None:
     database = await database_url(store, tmp_path)
     bot_processes.segmind.inject("rate_limit", target="submit", reset_after=4.0)
@@ -107,7 +109,7 @@ async def test_a_job_killed_before_its_submit_is_submitted_once_after_restart(
 
 @pytest.mark.parametrize("store", STORES)
 async def test_sigterm_while_a_submit_hangs_never_submits_twice(
-    bot_processes: BotProcesses, tmp_path: Path, store: str
+    bot_processes: BotLauncher, tmp_path: Path, store: str
 ) -> None:
     database = await database_url(store, tmp_path)
     # Segmind takes the job at once but its answer is slow to come back.

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from devtools.segmind_server import SegmindServer, SegmindServerSettings
+from devtools.fakes.segmind.server import SegmindServer, SegmindServerSettings
 from services.request import GenerationRequest
 from services.segmind import (
     BadRequest,
@@ -187,7 +187,7 @@ async def test_expired_request_is_not_found(session: aiohttp.ClientSession) -> N
         with pytest.raises(NotFound):
             await client.status(job)
         with pytest.raises(NotFound):
-            await client.status(client.resume("no-such-id", job.request))
+            await client.status(client.handle_for("no-such-id", job.request))
     finally:
         await server.stop()
 

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from devtools.segmind_server import SegmindServer, SegmindServerSettings
+from devtools.fakes.segmind.server import SegmindServer, SegmindServerSettings
 from services.request import GenerationRequest
 from services.segmind import (
     BudgetExhausted,

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from devtools.segmind_server import SegmindServer, SegmindServerSettings
+from devtools.fakes.segmind.server import SegmindServer, SegmindServerSettings
 
 KEY = "sg_hostile_server_key_51c"
 MODEL = "sdxl1.0-dreamshaper"

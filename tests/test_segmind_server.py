@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from devtools.segmind_params import SCHEDULERS
-from devtools.segmind_server import SegmindServer, SegmindServerSettings
+from devtools.fakes.segmind.params import SCHEDULERS
+from devtools.fakes.segmind.server import SegmindServer, SegmindServerSettings
 from tests.conftest import PAGE_EXAMPLE
 
 KEY = "test-key"
@@ -692,7 +692,7 @@ async def test_command_line_server_serves_and_stops_on_sigterm() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "devtools.segmind_server",
+        "devtools.fakes.segmind",
         "--port",
         str(port),
         "--queue-seconds",

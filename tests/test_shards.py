@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from devtools.launcher import BotLauncher
 from tests.conftest import database_url
-from tests.processes import BotProcesses, bot_processes
+from tests.processes import bot_processes
 
 __all__ = ["bot_processes"]
 
@@ -16,7 +17,7 @@ SECOND_CHANNEL_ID = 1_300_000_000_004_194_404
 USER = 3_333_333_333_333_333_333
 
 
-async def start_two_shards(processes: BotProcesses, tmp_path: Path, **env: str) -> tuple[str, list[object]]:
+async def start_two_shards(processes: BotLauncher, tmp_path: Path, **env: str) -> tuple[str, list[object]]:
     database = await database_url("redis", tmp_path)
     processes.discord.add_guild(SECOND_GUILD_ID, SECOND_CHANNEL_ID, "Second Guild")
     guilds = f"{processes.discord.guild_id},{SECOND_GUILD_ID}"
@@ -27,7 +28,7 @@ async def start_two_shards(processes: BotProcesses, tmp_path: Path, **env: str) 
 
 
 async def test_the_quota_holds_exactly_across_two_processes(
-    bot_processes: BotProcesses, tmp_path: Path
+    bot_processes: BotLauncher, tmp_path: Path
 ) -> None:
     await start_two_shards(bot_processes, tmp_path, QUOTA_DAILY_IMAGES="3", QUOTA_MAX_CONCURRENT="10")
     discord = bot_processes.discord
@@ -56,7 +57,7 @@ async def test_the_quota_holds_exactly_across_two_processes(
 
 
 async def test_a_job_started_on_one_process_is_resumed_by_the_other_and_delivered_once(
-    bot_processes: BotProcesses, tmp_path: Path
+    bot_processes: BotLauncher, tmp_path: Path
 ) -> None:
     _, (first, _second) = await start_two_shards(bot_processes, tmp_path)
     discord = bot_processes.discord
@@ -75,5 +76,5 @@ async def test_a_job_started_on_one_process_is_resumed_by_the_other_and_delivere
     assert second_log_mentions(bot_processes, "resumed")
 
 
-def second_log_mentions(processes: BotProcesses, text: str) -> bool:
+def second_log_mentions(processes: BotLauncher, text: str) -> bool:
     return text in processes.started[1].log()

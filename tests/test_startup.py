@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -20,13 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import discord
 import pytest
 from aiohttp import web
 
 import bot
+from devtools.launcher import BotLauncher, bot_command
 from services.segmind import RequestBudget, SegmindClient
-from tests.conftest import BOT_TOKEN, SEGMIND_KEY
-from tests.processes import BotProcesses, bot_processes, database_url
+from tests.conftest import BOT_TOKEN, SEGMIND_KEY, StackFactory, database_url
+from tests.processes import bot_processes
 
 __all__ = ["bot_processes"]
 
@@ -46,9 +49,7 @@ class Finished:
 
 async def run_bot_py(env: dict[str, str], cwd: Path, *args: str, timeout: float = 45) -> Finished:
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "bot.py"),
-        *args,
+        *bot_command(*args),
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
@@ -87,7 +88,7 @@ def closed_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def nothing_reached_the_stand_ins(processes: BotProcesses) -> None:
+def nothing_reached_the_stand_ins(processes: BotLauncher) -> None:
     assert processes.discord.requests == [], processes.discord.requests
     assert processes.segmind.stats.requests == [], processes.segmind.stats.requests
 
@@ -197,7 +198,7 @@ def test_an_older_python_is_told_to_upgrade(tmp_path: Path, python: str) -> None
 
 
 async def test_the_versioned_api_base_from_proxy_guides_logs_in(
-    bot_processes: BotProcesses, tmp_path: Path
+    bot_processes: BotLauncher, tmp_path: Path
 ) -> None:
     database = await database_url("sqlite", tmp_path)
     started = await bot_processes.start(
@@ -216,7 +217,7 @@ async def test_the_versioned_api_base_from_proxy_guides_logs_in(
     ids=["connection-refused", "unknown-host"],
 )
 async def test_unreachable_discord_is_one_line_naming_discord_api_base(
-    bot_processes: BotProcesses, tmp_path: Path, api_base: str
+    bot_processes: BotLauncher, tmp_path: Path, api_base: str
 ) -> None:
     with closed_port() as port:
         env = bot_processes.env(
@@ -228,7 +229,7 @@ async def test_unreachable_discord_is_one_line_naming_discord_api_base(
 
 
 async def test_an_api_base_that_is_not_discords_api_is_a_404_naming_discord_api_base(
-    bot_processes: BotProcesses, tmp_path: Path
+    bot_processes: BotLauncher, tmp_path: Path
 ) -> None:
     env = bot_processes.env(
         await database_url("sqlite", tmp_path), DISCORD_API_BASE=f"{bot_processes.discord.api_base}/elsewhere"
@@ -237,7 +238,7 @@ async def test_an_api_base_that_is_not_discords_api_is_a_404_naming_discord_api_
     assert "404" in line
 
 
-async def test_a_refused_bot_token_names_discord_token(bot_processes: BotProcesses, tmp_path: Path) -> None:
+async def test_a_refused_bot_token_names_discord_token(bot_processes: BotLauncher, tmp_path: Path) -> None:
     wrong = "wrong.bot.token-5521"
     env = bot_processes.env(await database_url("sqlite", tmp_path), DISCORD_TOKEN=wrong)
     finished = await run_bot_py(env, tmp_path)
@@ -246,7 +247,7 @@ async def test_a_refused_bot_token_names_discord_token(bot_processes: BotProcess
 
 
 async def test_a_guild_the_bot_is_not_in_names_discord_guild_ids(
-    bot_processes: BotProcesses, tmp_path: Path
+    bot_processes: BotLauncher, tmp_path: Path
 ) -> None:
     env = bot_processes.env(await database_url("sqlite", tmp_path), DISCORD_GUILD_IDS="123456789012345678")
     line = assert_stopped_plainly(await run_bot_py(env, tmp_path), 2, "DISCORD_GUILD_IDS")
@@ -282,7 +283,7 @@ def not_a_database(tmp_path: Path) -> str:
     ids=["sqlite-under-a-file", "sqlite-a-folder", "sqlite-not-a-database", "redis-down"],
 )
 async def test_an_unusable_store_stops_the_start_before_discord_or_segmind_is_contacted(
-    bot_processes: BotProcesses, tmp_path: Path, make_url: object, status: int, says: str
+    bot_processes: BotLauncher, tmp_path: Path, make_url: object, status: int, says: str
 ) -> None:
     with closed_port() as port:
         url = make_url(tmp_path).format(closed=port)  # type: ignore[operator]
@@ -296,7 +297,7 @@ async def test_an_unusable_store_stops_the_start_before_discord_or_segmind_is_co
 
 
 async def test_a_refused_segmind_key_stops_the_start_before_discord_is_contacted(
-    bot_processes: BotProcesses, tmp_path: Path
+    bot_processes: BotLauncher, tmp_path: Path
 ) -> None:
     wrong = "sg_not_the_right_key_8812"
     env = bot_processes.env(await database_url("sqlite", tmp_path), SEGMIND_API_KEY=wrong)
@@ -309,7 +310,7 @@ async def test_a_refused_segmind_key_stops_the_start_before_discord_is_contacted
 
 
 async def test_a_key_that_cannot_be_verified_is_logged_and_the_bot_starts(
-    bot_processes: BotProcesses, tmp_path: Path
+    bot_processes: BotLauncher, tmp_path: Path
 ) -> None:
     with closed_port() as port:
         started = await bot_processes.start(
@@ -351,7 +352,7 @@ async def test_a_forbidden_segmind_key_stops_the_start_with_status_2() -> None:
 
 
 async def test_debug_logging_never_shows_an_interaction_token_or_the_bot_token(
-    bot_processes: BotProcesses, tmp_path: Path
+    bot_processes: BotLauncher, tmp_path: Path
 ) -> None:
     # SQLite: aiosqlite logs every statement with its parameters, and the job record holds the token.
     started = await bot_processes.start(
@@ -370,3 +371,89 @@ async def test_debug_logging_never_shows_an_interaction_token_or_the_bot_token(
     for secret, what in ((handle.token, "the interaction token"), (BOT_TOKEN, "the bot token")):
         assert secret not in log, f"{what} is in the DEBUG log"
     assert SEGMIND_KEY not in log
+
+
+# --- --env-file -----------------------------------------------------------------------------------------
+
+
+def run_config_check(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """bot.py from `tmp_path` (a link to the real one, so the .env "beside bot.py" is tmp_path's), with
+    nothing in the environment; every run here stops at the configuration check."""
+    linked = tmp_path / "bot.py"
+    if not linked.exists():
+        linked.symlink_to(ROOT / "bot.py")
+    return subprocess.run(
+        [sys.executable, str(linked), *args],
+        check=False,
+        cwd=tmp_path,
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_env_file_chooses_which_env_is_read(tmp_path: Path) -> None:
+    settings = "DISCORD_TOKEN=t\nSEGMIND_API_KEY=k\nDATABASE_URL={url}\n"
+    (tmp_path / ".env").write_text(settings.format(url="not-a-url-beside"))
+    (tmp_path / "other.env").write_text(settings.format(url="not-a-url-other"))
+
+    beside = run_config_check(tmp_path)
+    assert beside.returncode == 2 and "not-a-url-beside" in beside.stderr, beside.stderr
+    assert "DISCORD_TOKEN" not in beside.stderr
+
+    named = run_config_check(tmp_path, "--env-file", str(tmp_path / "other.env"))
+    assert named.returncode == 2 and "not-a-url-other" in named.stderr, named.stderr
+    assert "not-a-url-beside" not in named.stderr
+
+    nothing = run_config_check(tmp_path, "--env-file", "none")
+    assert nothing.returncode == 2 and "DISCORD_TOKEN is required" in nothing.stderr, nothing.stderr
+    assert "not-a-url" not in nothing.stderr
+
+
+def test_a_missing_env_file_is_one_line_and_status_2(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / ".env"
+    done = run_config_check(tmp_path, "--env-file", str(missing))
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"bot.py: --env-file {missing}: no such file"], done.stderr
+    assert done.stdout == ""
+
+
+def test_help_documents_env_file() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bot.py"), "--help"],
+        check=True,
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    text = " ".join(done.stdout.split())
+    assert "--env-file PATH" in text and "none reads no file" in text
+
+
+# --- discord.py's voice warnings ------------------------------------------------------------------------
+
+VOICE_WARNINGS = ("voice will NOT be supported", "PyNaCl", "davey")
+
+
+async def test_a_started_bot_logs_no_voice_warnings(bot_processes: BotLauncher, tmp_path: Path) -> None:
+    started = await bot_processes.start(await database_url("sqlite", tmp_path), ready_count=1)
+    started.terminate()
+    assert await started.wait(15) == 0
+    log = ANSI_COLOUR.sub("", started.log())
+    assert "synced 3 command(s)" in log, log  # the whole start ran, past the Discord client's construction
+    for warning in VOICE_WARNINGS:
+        assert warning not in log, log
+
+
+async def test_a_bot_built_without_main_logs_no_voice_warnings(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As at the first construction in a fresh process: discord.py warns once, then clears the flags.
+    monkeypatch.setattr(discord.VoiceClient, "warn_nacl", True)
+    monkeypatch.setattr(discord.VoiceClient, "warn_dave", True)
+    with caplog.at_level(logging.WARNING):
+        await make_stack()
+    for warning in VOICE_WARNINGS:
+        assert not [r for r in caplog.records if warning in r.getMessage()], caplog.text

@@ -1,4 +1,4 @@
-"""Persistence for quotas, jobs, leases and flags; ``open_store`` picks the backend from a URL."""
+"""Persistence for quotas, jobs, leases, flags and command syncs; `open_store` picks the backend from a URL."""
 
 from __future__ import annotations
 
@@ -59,9 +59,9 @@ ACCEPTED_URLS = (
 async def open_store(
     database_url: str, *, key_prefix: str | None = None, timeout: float = DEFAULT_TIMEOUT
 ) -> GuardedStore:
-    """Open the store named by ``database_url``; for Redis, ``key_prefix`` overrides ``?prefix=``.
+    """Open the store named by `database_url`; for Redis, `key_prefix` overrides `?prefix=`.
 
-    Every call of the returned store ends within ``timeout`` seconds or raises `StoreUnavailable`.
+    Every call of the returned store ends within `timeout` seconds or raises `StoreUnavailable`.
     """
     scheme = _scheme(database_url)
     if scheme == "sqlite":

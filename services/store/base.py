@@ -1,6 +1,6 @@
-"""The persistence interface: quotas, job records, job leases and timed flags.
+"""The persistence interface: quotas, job records, job leases, timed flags and command syncs.
 
-Every method takes the current time from the caller (``now``) instead of reading a clock, so the
+Every method takes the current time from the caller (`now`) instead of reading a clock, so the
 same rules hold for every backend and tests can drive time explicitly.
 """
 
@@ -73,7 +73,7 @@ class JobRecord:
         return self.state in FINISHED
 
     def evolve(self, now: float, **changes: Any) -> JobRecord:
-        """A copy with ``changes`` applied and ``updated_at`` bumped to ``now``."""
+        """A copy with `changes` applied and `updated_at` bumped to `now`."""
         return replace(self, updated_at=now, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,6 +170,15 @@ class QuotaUsage:
 
 
 class Store(Protocol):
+    """What the bot keeps between restarts and shares between its processes, behind one small interface.
+
+    A backend owns its connection and everything stored through it: quota reservations, job records,
+    job leases, timed flags and which commands were synced where. It guarantees that each method is one
+    atomic step against every other caller, in this process or another one sharing the database, so a
+    read-check-write (a reservation within the limits, a lease, a sync claim) can never race. Times come
+    from the caller (`now`), so every backend applies the same rules at the same instant.
+    """
+
     async def close(self) -> None: ...
 
     # Quota. Usage counts reservations that are reserved or committed and were created within the
@@ -191,7 +200,7 @@ class Store(Protocol):
 
     async def unfinished_jobs(self, created_after: float) -> list[JobRecord]: ...
 
-    # Reservations still reserved (neither committed nor refunded) that were created before ``before``.
+    # Reservations still reserved (neither committed nor refunded) that were created before `before`.
     async def reserved_before(self, before: float) -> list[str]: ...
 
     async def recent_jobs(self, user_id: int, limit: int = 10) -> list[JobRecord]: ...
@@ -207,6 +216,19 @@ class Store(Protocol):
     async def get_flag(self, name: str, now: float) -> float | None: ...
 
     async def clear_flag(self, name: str) -> None: ...
+
+    # Command sync: the digest of the commands last synced to each target, so that of several processes
+    # starting together only one syncs, and only what changed.
+    async def claim_command_sync(self, target: str, digest: str, now: float, ttl: float) -> bool:
+        """True when the caller is to sync `digest` to `target`: it is not what was last synced there, and
+        no claim on it younger than `ttl` is under way. A True answer is that claim: until it is finished
+        or lapses, every other caller gets False."""
+        ...
+
+    async def finish_command_sync(self, target: str, digest: str, *, synced: bool) -> None:
+        """Ends a claim: `synced` records `digest` as the target's commands; otherwise the claim is dropped
+        and what was synced before stays recorded, so the next start tries again."""
+        ...
 
 
 # --- Quota rules shared by the backends (the Redis Lua script mirrors them) ---
@@ -266,7 +288,7 @@ def summarize(entries: Iterable[QuotaEntry], limits: QuotaLimits, now: float) ->
 def evaluate(
     entries: Iterable[QuotaEntry], images: int, limits: QuotaLimits, now: float
 ) -> QuotaRefusal | None:
-    """The refusal for a request of ``images`` given the user's entries, or None if it fits.
+    """The refusal for a request of `images` given the user's entries, or None if it fits.
 
     The daily limit is checked first: a "concurrent" refusal tells the user to retry shortly, which
     would mislead if the daily limit would refuse them anyway.

@@ -22,11 +22,14 @@ class StoreUnavailable(Exception):
 
 
 class GuardedStore:
-    """Wraps a backend so that each call ends within `timeout` seconds, or at once when its caller is cancelled.
+    """The store the bot uses: a backend whose every call ends within `timeout` seconds, or at once when
+    its caller is cancelled, and whose outages all raise `StoreUnavailable`.
 
-    The backend call runs in a task of its own: on a timeout or a cancellation that task is cancelled but
-    not awaited, because a statement stuck behind SQLite's lock (or a Redis socket that stopped answering)
-    would otherwise keep the caller waiting for the very thing the timeout is meant to cut short.
+    It owns the backend: closing it (or leaving its `async with` block) closes the backend. The backend
+    call runs in a task of its own: on a timeout or a cancellation that task is cancelled but not awaited,
+    because a statement stuck behind SQLite's lock (or a Redis socket that stopped answering) would
+    otherwise keep the caller waiting for the very thing the timeout is meant to cut short. Errors that
+    are not an outage (a bug, a bad argument) pass through unchanged.
     """
 
     def __init__(
@@ -48,6 +51,12 @@ class GuardedStore:
             raise
         except self._transient as error:
             raise StoreUnavailable(f"the store failed: {type(error).__name__}: {error}") from error
+
+    async def __aenter__(self) -> GuardedStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     async def close(self) -> None:
         await self.backend.close()
@@ -95,6 +104,12 @@ class GuardedStore:
 
     async def clear_flag(self, name: str) -> None:
         await self._guard(self.backend.clear_flag(name))
+
+    async def claim_command_sync(self, target: str, digest: str, now: float, ttl: float) -> bool:
+        return await self._guard(self.backend.claim_command_sync(target, digest, now, ttl))
+
+    async def finish_command_sync(self, target: str, digest: str, *, synced: bool) -> None:
+        await self._guard(self.backend.finish_command_sync(target, digest, synced=synced))
 
 
 def _abandon(task: asyncio.Future[object]) -> None:

@@ -2,14 +2,16 @@
 
 Key layout (all under the configurable prefix):
 
-- ``quota:<user>:times``  sorted set: reservation id -> created_at
-- ``quota:<user>:res``    hash: reservation id -> "<images>:<state>"
-- ``job:<id>``            JSON of a JobRecord; finished jobs expire after the retention period
-- ``jobs:unfinished``     sorted set: job id -> created_at, for jobs still in an unfinished state
-- ``user:<user>:jobs``    sorted set: job id -> created_at, the user's most recent jobs
-- ``lease:<job id>``      hash: owner, expires_at
-- ``flag:<name>``         until (epoch seconds)
-- ``reservations:reserved`` sorted set: reservation id -> created_at, for reservations still reserved,
+- `quota:<user>:times`  sorted set: reservation id -> created_at
+- `quota:<user>:res`    hash: reservation id -> "<images>:<state>"
+- `job:<id>`            JSON of a JobRecord; finished jobs expire after the retention period
+- `jobs:unfinished`     sorted set: job id -> created_at, for jobs still in an unfinished state
+- `user:<user>:jobs`    sorted set: job id -> created_at, the user's most recent jobs
+- `lease:<job id>`      hash: owner, expires_at
+- `flag:<name>`         until (epoch seconds)
+- `commands:<target>`   hash: synced (the digest of the commands last synced there), and while a process
+  is syncing them, claimed (its digest) and claimed_until
+- `reservations:reserved` sorted set: reservation id -> created_at, for reservations still reserved,
   so one left behind by a process that died before saving its job can be found and refunded
 
 Scripts declare every key they touch in KEYS (reservation ids embed the user id for that reason).
@@ -133,6 +135,27 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
+# KEYS: sync record. ARGV: digest, now, claimed_until. Mirrors SQLiteStore.claim_command_sync.
+CLAIM_SYNC_LUA = """
+local record = redis.call('HMGET', KEYS[1], 'synced', 'claimed', 'claimed_until')
+if record[1] == ARGV[1] or (record[2] == ARGV[1] and tonumber(record[3]) > tonumber(ARGV[2])) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'claimed', ARGV[1], 'claimed_until', ARGV[3])
+return 1
+"""
+
+# KEYS: sync record. ARGV: digest, "1" when it was synced.
+FINISH_SYNC_LUA = """
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[1], 'synced', ARGV[1])
+end
+if redis.call('HGET', KEYS[1], 'claimed') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'claimed', 'claimed_until')
+end
+return 1
+"""
+
 # KEYS: lease. ARGV: owner.
 RELEASE_LEASE_LUA = """
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
@@ -143,7 +166,13 @@ return 0
 
 
 class RedisStore:
-    """The shared store of several bot processes: every read-check-write is one Lua script."""
+    """The store several bot processes share (one per shard, on any machine), on one Redis database.
+
+    It owns the client connection pool and every key under its prefix, so several bots (or test runs)
+    can share a server. Every read-check-write is one Lua script, which Redis runs atomically against
+    all other clients; finished jobs and bookkeeping keys expire by themselves. A Redis that is down,
+    restarting or out of memory raises one of `TRANSIENT_ERRORS`.
+    """
 
     # A Redis that is down, restarting, read-only or out of memory; OSError for a socket torn mid-call.
     TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
@@ -162,6 +191,8 @@ class RedisStore:
         self._settle_script = client.register_script(SETTLE_LUA)
         self._acquire_script = client.register_script(ACQUIRE_LEASE_LUA)
         self._release_script = client.register_script(RELEASE_LEASE_LUA)
+        self._claim_sync_script = client.register_script(CLAIM_SYNC_LUA)
+        self._finish_sync_script = client.register_script(FINISH_SYNC_LUA)
 
     @classmethod
     async def open(
@@ -353,3 +384,17 @@ class RedisStore:
 
     async def clear_flag(self, name: str) -> None:
         await self._redis.delete(self._flag_key(name))
+
+    # --- command sync ---
+
+    def _sync_key(self, target: str) -> str:
+        return f"{self._prefix}commands:{target}"
+
+    async def claim_command_sync(self, target: str, digest: str, now: float, ttl: float) -> bool:
+        claimed = await self._claim_sync_script(
+            keys=[self._sync_key(target)], args=[digest, float(now), float(now + ttl)]
+        )
+        return bool(claimed)
+
+    async def finish_command_sync(self, target: str, digest: str, *, synced: bool) -> None:
+        await self._finish_sync_script(keys=[self._sync_key(target)], args=[digest, "1" if synced else "0"])

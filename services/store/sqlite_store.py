@@ -37,7 +37,7 @@ from services.store.base import (
 )
 
 MEMORY = ":memory:"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_BUSY_TIMEOUT = 10.0
 DEFAULT_JOB_RETENTION = 7 * 86400.0
 
@@ -69,6 +69,12 @@ CREATE TABLE IF NOT EXISTS flags (
     name TEXT PRIMARY KEY,
     until REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS command_syncs (
+    target TEXT PRIMARY KEY,
+    synced TEXT,
+    claimed TEXT,
+    claimed_until REAL
+);
 """
 
 _UNFINISHED_SQL = ", ".join(f"'{state.value}'" for state in sorted(UNFINISHED))
@@ -76,7 +82,13 @@ _FINISHED_SQL = ", ".join(f"'{state.value}'" for state in sorted(FINISHED))
 
 
 class SQLiteStore:
-    """The single-process store: one SQLite file, every read-check-write in one transaction."""
+    """The store of one process (or a few on one machine): one SQLite file it opens and closes.
+
+    It owns the aiosqlite connection, the schema (created or extended at open, where finished jobs past
+    their retention are also pruned) and the lock that keeps this process's coroutines from interleaving
+    statements. Every read-check-write runs in one `BEGIN IMMEDIATE` transaction, so it is atomic against
+    other processes sharing the file too; a locked or vanished file raises one of `TRANSIENT_ERRORS`.
+    """
 
     # What a locked, full or vanished database file raises; anything else is a bug, not an outage.
     TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
@@ -280,3 +292,30 @@ class SQLiteStore:
     async def clear_flag(self, name: str) -> None:
         async with self._transaction() as db:
             await db.execute("DELETE FROM flags WHERE name = ?", (name,))
+
+    # --- command sync ---
+
+    async def claim_command_sync(self, target: str, digest: str, now: float, ttl: float) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "SELECT synced, claimed, claimed_until FROM command_syncs WHERE target = ?", (target,)
+            )
+            row = await cursor.fetchone()
+            if row is not None and (row[0] == digest or (row[1] == digest and row[2] > now)):
+                return False
+            await db.execute(
+                "INSERT INTO command_syncs (target, claimed, claimed_until) VALUES (?, ?, ?)"
+                " ON CONFLICT (target) DO UPDATE SET claimed = excluded.claimed,"
+                " claimed_until = excluded.claimed_until",
+                (target, digest, now + ttl),
+            )
+        return True
+
+    async def finish_command_sync(self, target: str, digest: str, *, synced: bool) -> None:
+        async with self._transaction() as db:
+            if synced:
+                await db.execute("UPDATE command_syncs SET synced = ? WHERE target = ?", (digest, target))
+            await db.execute(
+                "UPDATE command_syncs SET claimed = NULL, claimed_until = NULL WHERE target = ? AND claimed = ?",
+                (target, digest),
+            )

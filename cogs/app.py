@@ -1,0 +1,231 @@
+"""The bot itself: the services it drives, its cogs and buttons, and its command tree.
+
+`bot.py` opens the store and the HTTP session, builds a `DreamshaperBot` around them, runs it and closes
+them; tests and devtools build it the same way against local stand-ins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from typing import cast
+
+import aiohttp
+import discord
+import yarl
+from discord import app_commands
+from discord.ext import commands
+
+from cogs import render
+from cogs.answers import answer_failure
+from cogs.buttons import JOB_BUTTONS
+from cogs.delivery import JobRunner
+from cogs.imagine import Imagine
+from services.config import Config, discord_api_root
+from services.jobs import JobService
+from services.quota import QuotaGuard
+from services.segmind import RequestBudget, SegmindClient
+from services.store import Store, StoreUnavailable
+from services.store.base import QuotaLimits
+
+log = logging.getLogger("dreamshaper")
+
+# How long one process's claim to sync the commands keeps the others from syncing them too; a process
+# that dies mid-sync leaves a claim that lapses after this, so the next start syncs.
+SYNC_CLAIM_SECONDS = 60.0
+
+
+def point_discord_py_at(api_base: str | None, gateway_url: str | None) -> None:
+    """Sends REST and gateway traffic to a proxy (or a local stand-in) instead of discord.com.
+
+    `api_base` may be the proxy's root or its versioned base (root + /api/v10); discord.py's paths are
+    relative to the versioned base, which is rebuilt from the root so the version is the one it speaks.
+    Resumes follow the `resume_gateway_url` that READY names, so the initial gateway is all that is needed.
+    """
+    if api_base:
+        discord.http.Route.BASE = f"{discord_api_root(api_base)}/api/v{discord.http.INTERNAL_API_VERSION}"
+    if gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+
+
+class CommandsRefused(Exception):
+    """Discord refused the commands for a server (403 or 404): the bot is not in it, or lacks the scope."""
+
+    def __init__(self, guild_id: int, error: discord.HTTPException) -> None:
+        super().__init__(f"Discord refused the commands for server {guild_id}: {error.status} {error.text}")
+        self.guild_id = guild_id
+        self.status = error.status
+        self.reason = error.text
+
+
+class DreamshaperTree(app_commands.CommandTree["DreamshaperBot"]):
+    """The bot's slash commands, with the one place a failed command becomes a reply, and syncs only of
+    what changed.
+
+    `on_error` answers every command error no command handled itself: a member sees what went wrong
+    (the reply texts are `render`'s), never a traceback; an unexpected error is logged with an error id
+    the reply repeats. `sync_if_changed` syncs one target (the global commands, or a server's) only when
+    the digest of what would be sent differs from the one the store recorded for it, and of several
+    processes starting together only the one whose claim the store granted syncs.
+    """
+
+    async def on_error(
+        self, interaction: discord.Interaction[DreamshaperBot], error: app_commands.AppCommandError, /
+    ) -> None:
+        command = interaction.command.qualified_name if interaction.command else "a command"
+        await answer_failure(interaction, render.app_command_error_reply(error, f"/{command}"))
+
+    def digest(self, guild: discord.abc.Snowflake | None) -> str:
+        """A hash of the payload `sync` would send for `guild` (None: the global commands), order aside."""
+        payload = sorted(
+            (command.to_dict(self) for command in self.get_commands(guild=guild)),
+            key=lambda command: (command.get("type", 1), command["name"]),
+        )
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    async def sync_if_changed(self, guild: discord.abc.Snowflake | None = None) -> None:
+        """Syncs the commands for `guild` (None: the global ones) unless they are what was synced last.
+
+        Raises `CommandsRefused` when Discord refuses a server's commands (403 or 404).
+        """
+        store = self.client.store
+        where = "globally" if guild is None else f"to guild {guild.id}"
+        # Per application: another bot sharing the store has commands of its own.
+        target = f"{self.client.application_id}:{'global' if guild is None else guild.id}"
+        digest = self.digest(guild)
+        try:
+            claimed = await store.claim_command_sync(target, digest, time.time(), SYNC_CLAIM_SECONDS)
+        except StoreUnavailable as error:
+            log.warning("could not tell whether the commands changed (%s); syncing them", error)
+            await self._sync(guild, where)
+            return
+        if not claimed:
+            log.info("commands unchanged, not synced %s", where)
+            return
+        try:
+            await self._sync(guild, where)
+        except BaseException:
+            await self._finish(target, digest, synced=False)
+            raise
+        await self._finish(target, digest, synced=True)
+
+    async def _sync(self, guild: discord.abc.Snowflake | None, where: str) -> None:
+        try:
+            synced = await self.sync(guild=guild)
+        except (discord.Forbidden, discord.NotFound) as error:
+            if guild is None:
+                raise
+            raise CommandsRefused(guild.id, error) from None
+        log.info("synced %d command(s) %s", len(synced), where)
+
+    async def _finish(self, target: str, digest: str, *, synced: bool) -> None:
+        try:
+            await self.client.store.finish_command_sync(target, digest, synced=synced)
+        except StoreUnavailable as error:
+            # The claim lapses by itself; the next start then syncs (again, if this sync went through).
+            log.warning("could not record the command sync for %s: %s", target, error)
+
+
+class DreamshaperBot(commands.AutoShardedBot):
+    """The bot: the services it drives, the cogs and buttons members use, and its lifecycle.
+
+    It owns the Segmind client, the quota guard, the job service and the job runner, built from one
+    `Config`; the HTTP session and the store belong to the caller, who opens them before and closes
+    them after the bot (they are shared with whatever else runs in the process). It guarantees that:
+    every message it sends pings nobody unless the code says whom; its result buttons answer on any
+    message they were ever posted on, whichever cog is loaded; commands are synced only when they
+    changed, by one process; and `close` is safe to call from several places at once: the first caller
+    does the work and every caller waits for it, so the store can be closed once `close` returns.
+    """
+
+    def __init__(self, config: Config, *, http_session: aiohttp.ClientSession, store: Store) -> None:
+        # discord.py warns at every client's construction that voice needs PyNaCl and davey; this bot never
+        # joins voice. Here, not in main(), so every way of building the bot is spared the noise.
+        discord.VoiceClient.warn_nacl = False
+        discord.VoiceClient.warn_dave = False
+        # Slash commands and buttons arrive as interactions, which need no privileged intents; the guilds
+        # intent keeps channels cached for results posted outside the interaction.
+        intents = discord.Intents.none()
+        intents.guilds = True
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            allowed_mentions=discord.AllowedMentions.none(),
+            help_command=None,
+            tree_cls=DreamshaperTree,
+            # None lets Discord recommend a count; several processes must agree on SHARD_COUNT.
+            shard_count=config.shard_count,
+            shard_ids=list(config.shard_ids) if config.shard_ids is not None else None,
+        )
+        self.config = config
+        self.http_session = http_session
+        self.store = store
+        # Built here rather than in setup_hook: the Segmind key is checked before the Discord login, and
+        # setup_hook only runs once Discord has answered.
+        self.segmind = SegmindClient(
+            http_session,
+            api_key=config.segmind_api_key,
+            base_url=config.segmind_base_url,
+            model=config.segmind_model,
+            budget=RequestBudget(config.segmind_requests_per_minute),
+            deadline=config.segmind_job_deadline_seconds,
+        )
+        self.quota = QuotaGuard(
+            store,
+            QuotaLimits(config.quota_daily_images, config.quota_max_concurrent),
+            config.quota_exempt_role_ids,
+        )
+        self.jobs = JobService(
+            self.segmind,
+            store,
+            self.quota,
+            http_session,
+            credits_cooloff=config.credits_cooloff_seconds,
+            rate_limit_max_wait=config.rate_limit_max_wait_seconds,
+            lease_seconds=config.job_lease_seconds,
+        )
+        self.runner = JobRunner(self)
+        self.accepting_jobs = True
+        self._shutdown: asyncio.Task[None] | None = None
+
+    @property
+    def tree(self) -> DreamshaperTree:
+        # The one passed as tree_cls, typed as such.
+        return cast(DreamshaperTree, super().tree)
+
+    async def setup_hook(self) -> None:
+        # The runner first: it is removed first at close, so jobs stop before anything they use.
+        await self.add_cog(self.runner)
+        await self.add_cog(Imagine(self))
+        self.add_dynamic_items(*JOB_BUTTONS)
+        await self._sync_commands()
+
+    async def _sync_commands(self) -> None:
+        if not self.config.discord_guild_ids:
+            await self.tree.sync_if_changed()
+            return
+        # Guild commands appear at once; global ones can take up to an hour to reach every client.
+        for guild_id in self.config.discord_guild_ids:
+            guild = discord.Object(id=guild_id)
+            self.tree.copy_global_to(guild=guild)
+            await self.tree.sync_if_changed(guild)
+
+    async def on_ready(self) -> None:
+        log.info(
+            "connected as %s (%s) to %d guild(s)", self.user, getattr(self.user, "id", "?"), len(self.guilds)
+        )
+
+    async def close(self) -> None:
+        # Signal handlers and `async with` may both close the bot; the first call does the work and
+        # every caller waits for it, so the owner closes the store only once the bot is done with it.
+        self.accepting_jobs = False
+        if self._shutdown is None:
+            self._shutdown = asyncio.create_task(self._close_discord())
+        await asyncio.shield(self._shutdown)
+
+    async def _close_discord(self) -> None:
+        await super().close()
+        log.info("closed")

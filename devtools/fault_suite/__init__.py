@@ -1,0 +1,1 @@
+"""The fault suite: the real bot process under injected faults and SIGKILLs (`suite`)."""

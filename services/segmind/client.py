@@ -1,0 +1,414 @@
+"""Async client for Segmind's serverless API: v2 queue (submit, status, result, wait) and v1 sync.
+
+Segmind has no idempotency key, so a submit that got a 2xx is never sent again; status and result GETs
+are safe to retry. Every call, polls included, spends from one shared request budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from services.request import GenerationRequest
+from services.segmind.budget import RequestBudget
+from services.segmind.errors import (
+    _CONTENT_BLOCK,
+    _ERRORS_BY_STATUS,
+    BudgetExhausted,
+    JobFailed,
+    JobTimeout,
+    SegmindError,
+    UnexpectedResponse,
+)
+from services.segmind.schedule import (
+    MIN_POLL_INTERVAL,
+    DurationModel,
+    PollSchedule,
+    SegmindState,
+    _positive_number,
+)
+from services.segmind.transport import (
+    RetryPolicy,
+    Transport,
+    _error_text,
+    _NoAnswer,
+    _Reply,
+    same_origin,
+)
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+SMALL_BODY_LIMIT = 1 * MiB  # submit and status answers are a few hundred bytes
+RESULT_BODY_LIMIT = 64 * MiB  # result answers carry every image in base64 when base64=true
+V1_BODY_LIMIT = 32 * MiB  # v1 answers are one image (bytes, or JSON with base64)
+VERIFY_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class SubmittedJob:
+    """A job Segmind has accepted: where to ask for its status and result, and when it was sent.
+
+    `submitted_at` is on the `time.monotonic` clock; the job's deadline counts from it.
+    """
+
+    request_id: str
+    status_url: str
+    response_url: str
+    request: GenerationRequest
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A COMPLETED job's outputs, and the `metrics` Segmind measured (they teach the `DurationModel`)."""
+
+    request_id: str
+    outputs: tuple[str, ...]  # URLs, or base64 image data when the request asked for base64
+    is_base64: bool
+    metrics: Mapping[str, Any]
+
+    @property
+    def inference_time(self) -> float | None:
+        return _positive_number(self.metrics.get("inference_time"))
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """What one status check saw; the last event of a wait is COMPLETED and carries the result."""
+
+    request_id: str
+    state: SegmindState
+    elapsed: float
+    result: JobResult | None = None
+
+
+class SegmindClient:
+    """Dreamshaper on Segmind: the v2 queue (`submit`, `status`, `result`, `wait`) and the v1 sync call.
+
+    What it guarantees, whatever Segmind answers:
+
+    * The API key goes only to the origin (scheme, host, port) of `base_url`. A status or response URL on
+      another origin is replaced by the documented one on the base; redirects are never followed by
+      aiohttp, only by the client itself and only on the same origin. Every text read from an answer has
+      the key scrubbed from it, so no error, log line or stored result can carry it further.
+    * Bounded: every body is read with a size cap, every request has a timeout, and `wait` never outlasts
+      the job's deadline (`deadline` seconds from the submit), retries and rate-limit waits included.
+    * Budgeted: every request, polls and retries included, spends a slot of the shared `budget`; a 429
+      pauses the whole budget, and a reset that is absurd counts as unknown.
+    * Retried where it is safe: status and result GETs after timeouts, drops, 5xx and malformed answers,
+      with backoff and jitter. A submit is sent once (no idempotency key: a second one is billed twice);
+      only a connection that never opened is tried again.
+    * Polling adapts (`PollSchedule`): the gaps follow the expected finish, learnt in `durations` from the
+      `metrics` of finished jobs.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        api_key: str,
+        base_url: str = "https://api.segmind.com",
+        model: str = "sdxl1.0-dreamshaper",
+        budget: RequestBudget,
+        deadline: float = 600.0,
+        retry: RetryPolicy | None = None,
+        durations: DurationModel | None = None,
+        request_timeout: float = 30.0,
+        max_poll_interval: float = 10.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._transport = Transport(
+            session,
+            api_key=api_key,
+            base_url=self.base_url,
+            budget=budget,
+            retry=retry or RetryPolicy(),
+            timeout=aiohttp.ClientTimeout(total=request_timeout),
+        )
+        self.model = model
+        self.deadline = deadline
+        self.durations = durations or DurationModel()
+        self.max_poll_interval = max_poll_interval
+
+    def __repr__(self) -> str:
+        return f"SegmindClient(base_url={self.base_url!r}, model={self.model!r})"
+
+    @property
+    def budget(self) -> RequestBudget:
+        return self._transport.budget
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return self._transport.retry
+
+    # -- start-up --
+
+    async def verify_key(self) -> bool:
+        """One cheap keyed request: True when Segmind accepted the key, False when it could not be told.
+
+        Asks for the status of a random request id (404 means the key passed), once, without retries, within
+        a few seconds, spending one slot of the budget. Raises Unauthorized (401) or Forbidden (403) when the
+        key is refused, and nothing else: anything odd is logged as a warning and answers False.
+        """
+        url = f"{self.base_url}/v2/requests/{uuid.uuid4()}/status"
+        try:
+            await self.budget.acquire(max_wait=VERIFY_TIMEOUT)
+            reply = await self._transport.exchange(
+                "GET", url, None, aiohttp.ClientTimeout(total=VERIFY_TIMEOUT), SMALL_BODY_LIMIT
+            )
+        except BudgetExhausted:
+            reason = "the request budget has no free slot"
+        except SegmindError as error:
+            reason = error.message
+        except _NoAnswer as lost:
+            reason = f"Segmind could not be reached ({type(lost.cause).__name__})"
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            reason = f"Segmind could not be reached ({type(error).__name__})"
+        except Exception as error:
+            # Start-up must go on whatever happened here; only a refused key may stop it.
+            reason = f"unexpected {type(error).__name__}"
+        else:
+            if reply.status in (401, 403):
+                message = _error_text(reply.data) or reply.text() or f"HTTP {reply.status}"
+                raise _ERRORS_BY_STATUS[reply.status](message, status=reply.status)
+            if 200 <= reply.status < 300 or reply.status in (404, 422):
+                return True
+            if reply.status == 429:
+                self._transport.pause_budget(reply)
+            reason = f"Segmind answered HTTP {reply.status}"
+        log.warning("could not verify the Segmind key: %s", reason)
+        return False
+
+    # -- v2 queue --
+
+    async def submit(
+        self,
+        request: GenerationRequest,
+        *,
+        on_budget_wait: Callable[[int, float], None] | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
+        max_wait: float | None = None,
+    ) -> SubmittedJob:
+        """Queues one job. Sent at most once: only a connection that never opened is tried again.
+
+        `before_send` is awaited just before the request leaves, once a budget slot is granted, so the caller
+        can record that from now on the job may exist at Segmind. With `max_wait`, a budget that cannot grant
+        a slot within that many seconds raises BudgetExhausted and nothing is sent.
+        """
+        request = request.with_concrete_seed()
+        url = f"{self.base_url}/v2/{self.model}"
+        body = await self._transport.send(
+            "POST",
+            url,
+            payload=request.to_payload(),
+            idempotent=False,
+            limit=SMALL_BODY_LIMIT,
+            accept=_json_object,
+            on_budget_wait=on_budget_wait,
+            before_send=before_send,
+            max_wait=max_wait,
+        )
+        request_id = body.get("request_id")
+        if isinstance(request_id, int) and not isinstance(request_id, bool):
+            request_id = str(request_id)
+        if not isinstance(request_id, str) or not request_id:
+            raise UnexpectedResponse("the submit answer lacks a request_id")
+        documented = self.handle_for(request_id, request)
+        job = SubmittedJob(
+            request_id=request_id,
+            status_url=self._job_url(request_id, body.get("status_url"), documented.status_url),
+            response_url=self._job_url(request_id, body.get("response_url"), documented.response_url),
+            request=request,
+        )
+        log.info(
+            "segmind %s: submitted (%d image(s), seed %d)", job.request_id, request.samples, request.seed
+        )
+        return job
+
+    def handle_for(
+        self, request_id: str, request: GenerationRequest, *, submitted_at: float | None = None
+    ) -> SubmittedJob:
+        """The handle of a job submitted earlier (e.g. before a restart), at its documented URLs.
+
+        Sends nothing: it only builds the `SubmittedJob` that `status`, `result` and `wait` take.
+        """
+        base = f"{self.base_url}/v2/requests/{quote(request_id, safe='')}"
+        return SubmittedJob(
+            request_id=request_id,
+            status_url=f"{base}/status",
+            response_url=base,
+            request=request,
+            submitted_at=time.monotonic() if submitted_at is None else submitted_at,
+        )
+
+    async def status(self, job: SubmittedJob) -> SegmindState:
+        url = self._job_url(
+            job.request_id, job.status_url, self.handle_for(job.request_id, job.request).status_url
+        )
+        state, body = await self._transport.send(
+            "GET",
+            url,
+            idempotent=True,
+            limit=SMALL_BODY_LIMIT,
+            accept=lambda reply: _job_answer(reply, job.request_id, with_outputs=False),
+        )
+        if state is SegmindState.FAILED:
+            raise JobFailed(_error_text(body), request_id=job.request_id)
+        return state
+
+    async def result(self, job: SubmittedJob) -> JobResult:
+        url = self._job_url(
+            job.request_id, job.response_url, self.handle_for(job.request_id, job.request).response_url
+        )
+        state, body = await self._transport.send(
+            "GET",
+            url,
+            idempotent=True,
+            limit=RESULT_BODY_LIMIT,
+            accept=lambda reply: _job_answer(reply, job.request_id, with_outputs=True),
+        )
+        if state is SegmindState.FAILED:
+            raise JobFailed(_error_text(body), request_id=job.request_id)
+        if state is not SegmindState.COMPLETED:
+            raise UnexpectedResponse(f"result asked while the job is {state}", request_id=job.request_id)
+        metrics = body.get("metrics") if isinstance(body.get("metrics"), dict) else {}
+        return JobResult(job.request_id, _outputs(body, job.request_id), job.request.base64, metrics)
+
+    async def wait(self, job: SubmittedJob, *, deadline: float | None = None) -> AsyncIterator[JobEvent]:
+        """Yields an event after every status check; the last one is COMPLETED and carries the result.
+
+        FAILED raises JobFailed; passing the deadline raises JobTimeout with the request id.
+        """
+        schedule = PollSchedule(
+            self.durations,
+            job.request,
+            submitted_at=job.submitted_at,
+            deadline_at=job.submitted_at + (self.deadline if deadline is None else deadline),
+            min_interval=max(MIN_POLL_INTERVAL, self.budget.min_spacing),
+            max_interval=self.max_poll_interval,
+        )
+        while True:
+            now = time.monotonic()
+            if schedule.expired(now):
+                raise JobTimeout(request_id=job.request_id, waited=now - job.submitted_at)
+            await asyncio.sleep(schedule.next_delay(now))
+            try:
+                # Retries and rate-limit waits inside one status check must not outlast the deadline either.
+                async with asyncio.timeout(max(0.1, schedule.time_left(time.monotonic()))) as limit:
+                    state = await self.status(job)
+            except TimeoutError:
+                if not limit.expired():
+                    raise
+                raise JobTimeout(
+                    request_id=job.request_id, waited=time.monotonic() - job.submitted_at
+                ) from None
+            except JobFailed as failed:
+                log.info(
+                    "segmind %s: FAILED (%s)",
+                    job.request_id,
+                    "content block" if failed.is_content_block else failed.error,
+                )
+                raise
+            seen_at = time.monotonic()
+            elapsed = seen_at - job.submitted_at
+            if state is not schedule.state:
+                log.info("segmind %s: %s after %.1f s", job.request_id, state, elapsed)
+            schedule.observe(state, seen_at)
+            if state is SegmindState.COMPLETED:
+                result = await self.result(job)
+                self.durations.learn(job.request, result.metrics)
+                yield JobEvent(job.request_id, state, elapsed, result)
+                return
+            yield JobEvent(job.request_id, state, elapsed)
+
+    # -- v1 sync --
+
+    async def generate_sync(self, request: GenerationRequest) -> bytes:
+        """The v1 endpoint: blocks until the image is ready and returns its bytes (v1 returns one image)."""
+        request = request.with_concrete_seed()
+        url = f"{self.base_url}/v1/{self.model}"
+        timeout = aiohttp.ClientTimeout(total=self.deadline)
+        return await self._transport.send(
+            "POST",
+            url,
+            payload=request.to_payload(),
+            idempotent=False,
+            limit=V1_BODY_LIMIT,
+            accept=_v1_image,
+            timeout=timeout,
+        )
+
+    # -- the job's URLs --
+
+    def _job_url(self, request_id: str, url: object, documented: str) -> str:
+        """Segmind's own URL for a job when it is on the base origin, else the documented one."""
+        if isinstance(url, str) and same_origin(url, self.base_url):
+            return url
+        if url is not None:
+            log.warning(
+                "segmind %s: ignoring a job URL outside %s; using the documented one",
+                request_id,
+                self.base_url,
+            )
+        return documented
+
+
+# --- reading answers ----------------------------------------------------------------------------------
+
+
+def _json_object(reply: _Reply) -> dict[str, Any]:
+    return reply.raise_for_status()
+
+
+def _job_answer(reply: _Reply, request_id: str, *, with_outputs: bool) -> tuple[SegmindState, dict[str, Any]]:
+    """A status or result answer: its state and body; any answer outside the API is UnexpectedResponse."""
+    body = reply.raise_for_status(request_id=request_id, failed_is_ok=True)
+    state = _job_state(body, request_id)
+    if with_outputs and state is SegmindState.COMPLETED:
+        _outputs(body, request_id)
+    return state, body
+
+
+def _v1_image(reply: _Reply) -> bytes:
+    if reply.status == 200 and reply.content_type.startswith("image/"):
+        return reply.body
+    if reply.status in (400, 422):
+        text = _error_text(reply.data)
+        if _CONTENT_BLOCK.search(text):
+            raise JobFailed(text, request_id="v1")
+    body = reply.raise_for_status()
+    image = body.get("image")
+    if not isinstance(image, str):
+        raise UnexpectedResponse("the v1 answer holds no image")
+    try:
+        return base64.b64decode(image, validate=True)
+    except ValueError:
+        raise UnexpectedResponse("the v1 answer's image is not valid base64") from None
+
+
+def _job_state(body: Mapping[str, Any], request_id: str) -> SegmindState:
+    status = body.get("status")
+    try:
+        return SegmindState(status.upper() if isinstance(status, str) else "")
+    except ValueError:
+        shown = status[:100] if isinstance(status, str) else status
+        raise UnexpectedResponse(f"unknown job status {shown!r}", request_id=request_id) from None
+
+
+def _outputs(body: Mapping[str, Any], request_id: str) -> tuple[str, ...]:
+    outputs = body.get("output")
+    if isinstance(outputs, str):
+        outputs = [outputs]
+    if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) and o for o in outputs):
+        raise UnexpectedResponse("the result has no output", request_id=request_id)
+    return tuple(outputs)
