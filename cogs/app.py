@@ -172,6 +172,7 @@ class DreamshaperBot(commands.AutoShardedBot):
             model=config.segmind_model,
             budget=RequestBudget(config.segmind_requests_per_minute),
             deadline=config.segmind_job_deadline_seconds,
+            max_poll_interval=config.segmind_max_poll_seconds,
         )
         self.quota = QuotaGuard(
             store,

@@ -40,6 +40,7 @@ class Config:
     segmind_model: str = "sdxl1.0-dreamshaper"
     segmind_requests_per_minute: int = 50
     segmind_job_deadline_seconds: float = 600.0
+    segmind_max_poll_seconds: float = 10.0
     database_url: str = "sqlite:///data/bot.sqlite3"
     quota_daily_images: int = 40
     quota_max_concurrent: int = 2
@@ -68,6 +69,9 @@ class Config:
             ),
             "segmind_job_deadline_seconds": reader.get(
                 "SEGMIND_JOB_DEADLINE_SECONDS", _positive_float, cls.segmind_job_deadline_seconds
+            ),
+            "segmind_max_poll_seconds": reader.get(
+                "SEGMIND_MAX_POLL_SECONDS", _at_least_half_a_second, cls.segmind_max_poll_seconds
             ),
             "database_url": reader.get("DATABASE_URL", _database_url, cls.database_url),
             "quota_daily_images": reader.get("QUOTA_DAILY_IMAGES", _int_at_least(0), cls.quota_daily_images),
@@ -131,6 +135,14 @@ def _at_least_one_second(raw: str) -> float:
     value = _positive_float(raw)
     if value < 1:
         raise ValueError("expected at least 1 second")
+    return value
+
+
+def _at_least_half_a_second(raw: str) -> float:
+    # Status checks are never closer together than half a second (the schedule's shortest interval).
+    value = _positive_float(raw)
+    if value < 0.5:
+        raise ValueError("expected at least 0.5 seconds")
     return value
 
 

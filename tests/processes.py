@@ -17,6 +17,8 @@ __all__ = ["bot_processes"]
 # Every process gets these on top of the stand-ins' configuration; a test's start may override them.
 BOT_ENV = {
     "SEGMIND_REQUESTS_PER_MINUTE": "600",
+    # The stand-in's jobs take about a second, where the bot's first estimates are for real Segmind.
+    "SEGMIND_MAX_POLL_SECONDS": "1",
     "QUOTA_DAILY_IMAGES": "20",
     "QUOTA_MAX_CONCURRENT": "10",
     "JOB_LEASE_SECONDS": "2",

@@ -31,6 +31,7 @@ def test_every_variable_is_parsed() -> None:
             "SEGMIND_BASE_URL": "http://127.0.0.1:8700/",
             "SEGMIND_MODEL": "other-model",
             "SEGMIND_REQUESTS_PER_MINUTE": "5",
+            "SEGMIND_MAX_POLL_SECONDS": "2.5",
             "DATABASE_URL": "redis://127.0.0.1:6379/0",
             "QUOTA_DAILY_IMAGES": "10",
             "QUOTA_MAX_CONCURRENT": "3",
@@ -42,6 +43,7 @@ def test_every_variable_is_parsed() -> None:
     )
     assert config.segmind_base_url == "http://127.0.0.1:8700"
     assert config.segmind_requests_per_minute == 5
+    assert config.segmind_max_poll_seconds == 2.5
     assert config.quota_daily_images == 10
     assert config.quota_max_concurrent == 3
     assert config.quota_exempt_role_ids == frozenset({11, 12})
@@ -58,6 +60,7 @@ def test_every_bad_variable_is_named_at_once() -> None:
                 "DISCORD_GUILD_IDS": "123,abc",
                 "LOG_LEVEL": "LOUD",
                 "DATABASE_URL": "postgres://x",
+                "SEGMIND_MAX_POLL_SECONDS": "0.1",
             }
         )
     text = str(caught.value)
@@ -68,9 +71,10 @@ def test_every_bad_variable_is_named_at_once() -> None:
         "DISCORD_GUILD_IDS",
         "LOG_LEVEL",
         "DATABASE_URL",
+        "SEGMIND_MAX_POLL_SECONDS",
     ):
         assert name in text
-    assert len(caught.value.problems) == 6
+    assert len(caught.value.problems) == 7
     assert ".env.example" in text
 
 

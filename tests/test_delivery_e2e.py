@@ -31,10 +31,11 @@ async def test_a_rate_limited_edit_waits_its_turn_and_the_images_arrive(make_sta
 
 async def test_discord_5xx_on_edits_is_retried(make_stack: StackFactory) -> None:
     stack = await make_stack()
-    stack.discord.inject("edit_original", status=502, count=7)
+    # discord.py itself tries a request five times over 16 s; the sixth 502 is left for the bot to ride out.
+    stack.discord.inject("edit_original", status=502, count=6)
     handle = await stack.imagine(prompt="flaky edits", timeout=60)
     assert handle.original is not None and len(handle.original.attachments) == 1
-    assert sum(r.status == 502 for r in stack.discord.requests) == 7
+    assert sum(r.status == 502 for r in stack.discord.requests) == 6
     assert len(image_messages(stack)) == 1
 
 
