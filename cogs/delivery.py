@@ -173,6 +173,7 @@ class JobRunner(commands.Cog):
         self.bot = bot
         self._running: dict[str, asyncio.Task[None]] = {}
         self._credits_reported_until = 0.0
+        self._last_sweep_ended = -math.inf
 
     async def cog_load(self) -> None:
         self.sweeper.change_interval(seconds=self.bot.jobs.lease_seconds)
@@ -216,6 +217,10 @@ class JobRunner(commands.Cog):
     # The interval is the lease period, known once the bot is built: cog_load sets it.
     @tasks.loop()
     async def sweeper(self) -> None:
+        # tasks.loop keeps a fixed rate, so after a slow sweep (a struggling store) the iterations it
+        # missed would run back to back against that same store: those catch-ups are skipped instead.
+        if time.monotonic() - self._last_sweep_ended < self.bot.jobs.lease_seconds / 2:
+            return
         # Caught here: an exception would end the loop, and the next sweep may well succeed.
         try:
             await self.sweep()
@@ -223,6 +228,8 @@ class JobRunner(commands.Cog):
             log.warning("could not look for unfinished jobs: %s", error)
         except Exception:
             log.exception("could not look for unfinished jobs")
+        finally:
+            self._last_sweep_ended = time.monotonic()
 
     async def sweep(self) -> None:
         """Resumes unfinished jobs that no live process holds; closes those Segmind no longer keeps.

@@ -26,6 +26,7 @@ import redis.asyncio as redis
 
 from cogs import render
 from cogs.app import DreamshaperBot, point_discord_py_at
+from cogs.buttons import CUSTOM_ID
 from devtools.fakes.discord.models import InteractionHandle, StoredMessage
 from devtools.fakes.discord.server import DiscordStandIn
 from devtools.fakes.segmind.server import SegmindServer
@@ -127,12 +128,14 @@ class BotStack:
     async def press(
         self, message: StoredMessage, action: str, timeout: float = 20, **user: object
     ) -> InteractionHandle:
-        """Presses the message's button for `action` (reroll, same, info, delete) and waits for the answer."""
+        """Presses the message's button for `action` (reroll, same, info, delete, resend) and waits for the
+        answer."""
+        prefix = CUSTOM_ID.format(action=action, job_id="")
         button = next(
             c["custom_id"]
             for row in message.components
             for c in row["components"]
-            if c["custom_id"].startswith(f"ds:{action}:")
+            if c["custom_id"].startswith(prefix)
         )
         handle = await self.discord.press_button(message, button, **user)  # type: ignore[arg-type]
         await self.settled(handle, timeout)
@@ -250,7 +253,8 @@ def sqlite_url(folder: Path) -> str:
 
 def redis_url(label: str) -> str:
     """A store in the Redis at `REDIS_URL`, under a new key prefix that starts with `label`."""
-    return f"{REDIS_URL}?prefix={label}-{uuid.uuid4().hex[:8]}:"
+    separator = "&" if "?" in REDIS_URL else "?"
+    return f"{REDIS_URL}{separator}prefix={label}-{uuid.uuid4().hex[:8]}:"
 
 
 def redis_prefix(database_url: str) -> str | None:

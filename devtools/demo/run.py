@@ -27,6 +27,7 @@ from typing import Any
 
 import discord
 
+from cogs.buttons import InfoButton
 from cogs.imagine import ASPECTS
 from devtools.demo.transcript import (
     CALLBACK_NAMES,
@@ -269,13 +270,14 @@ async def press_info(
         (
             component
             for component in iter_components(message.components)
-            if str(component.get("custom_id", "")).startswith("ds:info:")
+            if str(component.get("custom_id", "")).startswith(InfoButton.custom_id_for(""))
         ),
         None,
     )
     if button is None:
         raise DemoError(
-            "the result has no Info button (no component with a custom_id starting with ds:info:)"
+            "the result has no Info button (no component whose custom_id starts with "
+            f"{InfoButton.custom_id_for('')})"
         )
     handle = await stack.discord.press_button(message, button["custom_id"], username=USERNAME)
     run.info = handle

@@ -74,6 +74,7 @@ from devtools.stack import (
     PROGRESS_MARKS,
     REDIS_URL,
     Credentials,
+    drop_redis_keys,
     redis_answers,
     redis_url,
     sqlite_url,
@@ -221,33 +222,39 @@ class FaultSuite:
             seconds_per_step=options.seconds_per_step,
             workers=options.workers,
         )
-        async with contextlib.AsyncExitStack() as exits:
-            # A killed bot's gateway session must end quickly, or events would wait for a resume that
-            # never comes.
-            env = await exits.enter_async_context(
-                stand_ins(CREDENTIALS, segmind_settings, gateway_resume_timeout=0.5)
-            )
-            self.discord, self.segmind = env.discord, env.segmind
-            await self.elsewhere.start()
-            exits.push_async_callback(self.elsewhere.stop)
-            self.launcher = BotLauncher(env, workdir, env=self._bot_env(), clock_zero=self.zero)
-            exits.push_async_callback(self.launcher.stop_all)
-            exits.push_async_callback(self._stop_faults)
-            self.say(
-                f"fault suite: {self.plan.jobs} jobs, {len(self.plan.faults)} faults, "
-                f"{len(self.plan.kills)} kills, seed {options.seed}, store {redact(self.database)}; "
-                f"logs in {workdir}"
-            )
-            await self._start_bot()
-            self.up.set()
-            await self._play()
-            await self._settle()
-            await self._stop_faults()
-            current = self.launcher.current
-            if current is not None:
-                await current.end(signal.SIGTERM, TERMINATE_TIMEOUT)
-            wall = self.now()
-            return self._report(workdir, self.database, wall)
+        # Keys of a Redis store the suite made for itself go with it; a caller's store is the caller's.
+        own_redis_store = options.database_url is None and options.store == "redis"
+        try:
+            async with contextlib.AsyncExitStack() as exits:
+                # A killed bot's gateway session must end quickly, or events would wait for a resume that
+                # never comes.
+                env = await exits.enter_async_context(
+                    stand_ins(CREDENTIALS, segmind_settings, gateway_resume_timeout=0.5)
+                )
+                self.discord, self.segmind = env.discord, env.segmind
+                await self.elsewhere.start()
+                exits.push_async_callback(self.elsewhere.stop)
+                self.launcher = BotLauncher(env, workdir, env=self._bot_env(), clock_zero=self.zero)
+                exits.push_async_callback(self.launcher.stop_all)
+                exits.push_async_callback(self._stop_faults)
+                self.say(
+                    f"fault suite: {self.plan.jobs} jobs, {len(self.plan.faults)} faults, "
+                    f"{len(self.plan.kills)} kills, seed {options.seed}, store {redact(self.database)}; "
+                    f"logs in {workdir}"
+                )
+                await self._start_bot()
+                self.up.set()
+                await self._play()
+                await self._settle()
+                await self._stop_faults()
+                current = self.launcher.current
+                if current is not None:
+                    await current.end(signal.SIGTERM, TERMINATE_TIMEOUT)
+                wall = self.now()
+                return self._report(workdir, self.database, wall)
+        finally:
+            if own_redis_store:
+                await drop_redis_keys(self.database)
 
     def _bot_env(self) -> dict[str, str]:
         return {
