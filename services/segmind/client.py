@@ -21,8 +21,8 @@ import aiohttp
 from services.request import GenerationRequest
 from services.segmind.budget import RequestBudget
 from services.segmind.errors import (
-    _CONTENT_BLOCK,
-    _ERRORS_BY_STATUS,
+    CONTENT_BLOCK,
+    ERRORS_BY_STATUS,
     BudgetExhausted,
     JobFailed,
     JobTimeout,
@@ -34,14 +34,14 @@ from services.segmind.schedule import (
     DurationModel,
     PollSchedule,
     SegmindState,
-    _positive_number,
+    positive_number,
 )
 from services.segmind.transport import (
+    NoAnswer,
+    Reply,
     RetryPolicy,
     Transport,
-    _error_text,
-    _NoAnswer,
-    _Reply,
+    error_text,
     same_origin,
 )
 
@@ -79,7 +79,7 @@ class JobResult:
 
     @property
     def inference_time(self) -> float | None:
-        return _positive_number(self.metrics.get("inference_time"))
+        return positive_number(self.metrics.get("inference_time"))
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ class SegmindClient:
             reason = "the request budget has no free slot"
         except SegmindError as error:
             reason = error.message
-        except _NoAnswer as lost:
+        except NoAnswer as lost:
             reason = f"Segmind could not be reached ({type(lost.cause).__name__})"
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
             reason = f"Segmind could not be reached ({type(error).__name__})"
@@ -179,8 +179,8 @@ class SegmindClient:
             reason = f"unexpected {type(error).__name__}"
         else:
             if reply.status in (401, 403):
-                message = _error_text(reply.data) or reply.text() or f"HTTP {reply.status}"
-                raise _ERRORS_BY_STATUS[reply.status](message, status=reply.status)
+                message = error_text(reply.data) or reply.text() or f"HTTP {reply.status}"
+                raise ERRORS_BY_STATUS[reply.status](message, status=reply.status)
             if 200 <= reply.status < 300 or reply.status in (404, 422):
                 return True
             if reply.status == 429:
@@ -263,7 +263,7 @@ class SegmindClient:
             accept=lambda reply: _job_answer(reply, job.request_id, with_outputs=False),
         )
         if state is SegmindState.FAILED:
-            raise JobFailed(_error_text(body), request_id=job.request_id)
+            raise JobFailed(error_text(body), request_id=job.request_id)
         return state
 
     async def result(self, job: SubmittedJob) -> JobResult:
@@ -278,7 +278,7 @@ class SegmindClient:
             accept=lambda reply: _job_answer(reply, job.request_id, with_outputs=True),
         )
         if state is SegmindState.FAILED:
-            raise JobFailed(_error_text(body), request_id=job.request_id)
+            raise JobFailed(error_text(body), request_id=job.request_id)
         if state is not SegmindState.COMPLETED:
             raise UnexpectedResponse(f"result asked while the job is {state}", request_id=job.request_id)
         metrics = body.get("metrics") if isinstance(body.get("metrics"), dict) else {}
@@ -366,11 +366,11 @@ class SegmindClient:
 # --- reading answers ----------------------------------------------------------------------------------
 
 
-def _json_object(reply: _Reply) -> dict[str, Any]:
+def _json_object(reply: Reply) -> dict[str, Any]:
     return reply.raise_for_status()
 
 
-def _job_answer(reply: _Reply, request_id: str, *, with_outputs: bool) -> tuple[SegmindState, dict[str, Any]]:
+def _job_answer(reply: Reply, request_id: str, *, with_outputs: bool) -> tuple[SegmindState, dict[str, Any]]:
     """A status or result answer: its state and body; any answer outside the API is UnexpectedResponse."""
     body = reply.raise_for_status(request_id=request_id, failed_is_ok=True)
     state = _job_state(body, request_id)
@@ -379,12 +379,12 @@ def _job_answer(reply: _Reply, request_id: str, *, with_outputs: bool) -> tuple[
     return state, body
 
 
-def _v1_image(reply: _Reply) -> bytes:
+def _v1_image(reply: Reply) -> bytes:
     if reply.status == 200 and reply.content_type.startswith("image/"):
         return reply.body
     if reply.status in (400, 422):
-        text = _error_text(reply.data)
-        if _CONTENT_BLOCK.search(text):
+        text = error_text(reply.data)
+        if CONTENT_BLOCK.search(text):
             raise JobFailed(text, request_id="v1")
     body = reply.raise_for_status()
     image = body.get("image")

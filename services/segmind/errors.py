@@ -24,7 +24,7 @@ import re
 from datetime import UTC, datetime
 
 # Segmind reports content blocks only as FAILED with an error text; these are the words such texts use.
-_CONTENT_BLOCK = re.compile(
+CONTENT_BLOCK = re.compile(
     r"\b(rai|nsfw|unsafe|safety|moderation|inappropriate|prohibited)\b"
     r"|\bcontent (filter|policy|moderation|violation)|\bblocked by",
     re.IGNORECASE,
@@ -108,7 +108,7 @@ class JobFailed(SegmindError):
     def __init__(self, error: str, *, request_id: str) -> None:
         super().__init__(error or "the job failed without detail", status=422, request_id=request_id)
         self.error = error
-        self.is_content_block = bool(_CONTENT_BLOCK.search(error or ""))
+        self.is_content_block = bool(CONTENT_BLOCK.search(error or ""))
 
 
 class JobTimeout(SegmindError):
@@ -119,7 +119,7 @@ class JobTimeout(SegmindError):
         self.waited = waited
 
 
-_ERRORS_BY_STATUS: dict[int, type[SegmindError]] = {
+ERRORS_BY_STATUS: dict[int, type[SegmindError]] = {
     400: BadRequest,
     401: Unauthorized,
     403: Forbidden,

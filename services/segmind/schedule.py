@@ -49,7 +49,7 @@ class DurationModel:
         return self.seconds_per_unit * self.work_units(request)
 
     def learn(self, request: GenerationRequest, metrics: Mapping[str, Any]) -> None:
-        inference = _positive_number(metrics.get("inference_time"))
+        inference = positive_number(metrics.get("inference_time"))
         if inference is not None:
             observed = inference / self.work_units(request)
             self.seconds_per_unit += self.smoothing * (observed - self.seconds_per_unit)
@@ -145,7 +145,7 @@ class PollSchedule:
         return at >= self.deadline_at
 
 
-def _positive_number(value: Any) -> float | None:
+def positive_number(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf:
         return float(value)
     return None

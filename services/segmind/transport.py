@@ -26,7 +26,7 @@ from yarl import URL
 from services.segmind.budget import RESET_HEADER, RequestBudget, parse_reset_at
 from services.segmind.errors import (
     _CREDITS,
-    _ERRORS_BY_STATUS,
+    ERRORS_BY_STATUS,
     InsufficientCredits,
     NotAcceptable,
     RateLimited,
@@ -63,7 +63,7 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
-class _Reply:
+class Reply:
     """One answer as read off the wire; every text taken from it has already been scrubbed of the key."""
 
     status: int
@@ -94,7 +94,7 @@ class _Reply:
                 status=self.status,
                 request_id=request_id,
             )
-        message = (_error_text(body) if isinstance(body, dict) else self.text()) or f"HTTP {self.status}"
+        message = (error_text(body) if isinstance(body, dict) else self.text()) or f"HTTP {self.status}"
         if self.status == 429:
             raise RateLimited(
                 message, reset_at=parse_reset_at(self.headers.get(RESET_HEADER)), request_id=request_id
@@ -104,12 +104,12 @@ class _Reply:
             raise kind(message, status=406, request_id=request_id)
         if self.status >= 500:
             raise ServerError(message, status=self.status, request_id=request_id)
-        raise _ERRORS_BY_STATUS.get(self.status, SegmindError)(
+        raise ERRORS_BY_STATUS.get(self.status, SegmindError)(
             message, status=self.status, request_id=request_id
         )
 
 
-class _NoAnswer(Exception):
+class NoAnswer(Exception):
     """An exchange that broke off before its answer was read in full; `cause` is aiohttp's error.
 
     `sent` is False only when the connection never opened, so that nothing reached Segmind.
@@ -205,7 +205,7 @@ class Transport:
         payload: dict[str, Any] | None = None,
         idempotent: bool,
         limit: int,
-        accept: Callable[[_Reply], T],
+        accept: Callable[[Reply], T],
         on_budget_wait: Callable[[int, float], None] | None = None,
         before_send: Callable[[], Awaitable[None]] | None = None,
         timeout: aiohttp.ClientTimeout | None = None,
@@ -235,7 +235,7 @@ class Transport:
                 if not (idempotent and reply.status >= 500):
                     return accept(reply)
                 failure = ServerError(f"Segmind answered {reply.status}", status=reply.status)
-            except _NoAnswer as lost:
+            except NoAnswer as lost:
                 if lost.sent and not idempotent:
                     raise SegmindConnectionError(
                         f"the submit's answer was lost ({type(lost.cause).__name__})"
@@ -263,7 +263,7 @@ class Transport:
             )
             await asyncio.sleep(delay)
 
-    async def _follow_redirects(self, call: _Call) -> _Reply:
+    async def _follow_redirects(self, call: _Call) -> Reply:
         """The layer of redirects: follows same-origin ones, each hop a paced request of its own."""
         # Every attempt starts again from the URL asked for, not from where a redirect led.
         target, hops = call.url, 0
@@ -275,7 +275,7 @@ class Transport:
             hops += 1
             target = hop
 
-    async def _paced(self, call: _Call, url: str) -> _Reply:
+    async def _paced(self, call: _Call, url: str) -> Reply:
         """The layer of the budget: a slot before every request, and a 429 pauses the budget for all."""
         while True:
             await self.budget.acquire(
@@ -300,10 +300,10 @@ class Transport:
         payload: dict[str, Any] | None,
         timeout: aiohttp.ClientTimeout,
         limit: int,
-    ) -> _Reply:
+    ) -> Reply:
         """One request and its answer, read up to `limit` bytes: the only place the key is put on the wire.
 
-        Raises `_NoAnswer` when the connection fails or times out before the answer is read in full.
+        Raises `NoAnswer` when the connection fails or times out before the answer is read in full.
         """
         if not same_origin(url, self.base_url):
             raise SegmindError("refusing to send the API key outside the configured base URL")
@@ -325,15 +325,15 @@ class Transport:
                 status = response.status
         except aiohttp.ClientConnectorError as exc:
             # The connection never opened, so nothing reached Segmind: safe to retry, even a submit.
-            raise _NoAnswer(exc, sent=False) from exc
+            raise NoAnswer(exc, sent=False) from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _NoAnswer(exc, sent=True) from exc
+            raise NoAnswer(exc, sent=True) from exc
         # Parsed on the loop: json holds the GIL, so a thread would not help. The caps bound the cost (about
         # 0.1 s for a result at its 64 MiB cap, the price of base64 images).
         data = None if content_type.startswith("image/") else _parse_json(body, self._scrub)
-        return _Reply(status, body, headers_seen, content_type, data, self._scrub)
+        return Reply(status, body, headers_seen, content_type, data, self._scrub)
 
-    def _redirect_to_follow(self, method: str, reply: _Reply, url: str) -> str | None:
+    def _redirect_to_follow(self, method: str, reply: Reply, url: str) -> str | None:
         """Where a redirect leads, when the client may follow it itself: same origin, same meaning."""
         if reply.status not in _REDIRECT_STATUSES or "location" not in reply.headers:
             return None
@@ -349,7 +349,7 @@ class Transport:
             return None
         return location
 
-    def pause_budget(self, reply: _Reply) -> None:
+    def pause_budget(self, reply: Reply) -> None:
         reset_at = parse_reset_at(reply.headers.get(RESET_HEADER))
         seconds = (reset_at - datetime.now(UTC)).total_seconds() if reset_at else self.budget.min_spacing
         seconds = min(max(0.0, seconds), self.budget.max_pause)
@@ -403,7 +403,7 @@ def _scrub_strings(value: Any, scrub: Callable[[str], str]) -> Any:
     return value
 
 
-def _error_text(body: Any) -> str:
+def error_text(body: Any) -> str:
     if not isinstance(body, dict):
         return ""
     for key in ("error", "message", "detail"):
