@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import secrets
 import time
 from typing import cast
 
@@ -33,9 +34,18 @@ from services.store.base import QuotaLimits
 
 log = logging.getLogger("dreamshaper")
 
-# How long one process's claim to sync the commands keeps the others from syncing them too; a process
-# that dies mid-sync leaves a claim that lapses after this, so the next start syncs.
+# How long one process's claim to sync the commands keeps the others waiting. The sync is one PUT, so this
+# is ample; a process that dies mid-sync leaves a claim that lapses after this, and a waiting one syncs.
 SYNC_CLAIM_SECONDS = 60.0
+# The store's record is the only evidence of what Discord has, and the commands can change behind its back
+# (deleted in the developer portal, synced by another deployment or version): a record this old counts
+# as unknown, so the first start after it syncs again.
+SYNC_RECORD_SECONDS = 24 * 3600.0
+# How often a process waiting for another's claim asks the store whether it ended.
+SYNC_POLL_SECONDS = 0.5
+# Long enough for a claim under way to lapse and for one more process's sync; past it, a process syncs
+# without a claim rather than start with commands nobody synced.
+SYNC_WAIT_SECONDS = 2 * SYNC_CLAIM_SECONDS
 
 
 def point_discord_py_at(api_base: str | None, gateway_url: str | None) -> None:
@@ -68,8 +78,9 @@ class DreamshaperTree(app_commands.CommandTree["DreamshaperBot"]):
     `on_error` answers every command error no command handled itself: a member sees what went wrong
     (the reply texts are `render`'s), never a traceback; an unexpected error is logged with an error id
     the reply repeats. `sync_if_changed` syncs one target (the global commands, or a server's) only when
-    the digest of what would be sent differs from the one the store recorded for it, and of several
-    processes starting together only the one whose claim the store granted syncs.
+    the digest of what would be sent differs from the one the store recorded for it in the last day (or
+    always, with `SYNC_COMMANDS=always`), one process at a time: the others wait for the claim's holder
+    and then sync only if what it left recorded is not their commands.
     """
 
     async def on_error(
@@ -86,31 +97,77 @@ class DreamshaperTree(app_commands.CommandTree["DreamshaperBot"]):
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
-    async def sync_if_changed(self, guild: discord.abc.Snowflake | None = None) -> None:
-        """Syncs the commands for `guild` (None: the global ones) unless they are what was synced last.
+    def sync_target(self, guild: discord.abc.Snowflake | None) -> str:
+        """The store's name for where the commands for `guild` (None: the global ones) are synced."""
+        # Per application: another bot sharing the store has commands of its own.
+        return f"{self.client.application_id}:{'global' if guild is None else guild.id}"
 
+    async def sync_if_changed(
+        self,
+        guild: discord.abc.Snowflake | None = None,
+        *,
+        claim_seconds: float = SYNC_CLAIM_SECONDS,
+        poll_seconds: float = SYNC_POLL_SECONDS,
+        wait_seconds: float = SYNC_WAIT_SECONDS,
+    ) -> None:
+        """Syncs the commands for `guild` (None: the global ones) unless the store records them as synced
+        there within `SYNC_RECORD_SECONDS`; with `SYNC_COMMANDS=always`, whatever the store records.
+
+        One process syncs a target at a time. While another holds the claim (whatever commands it syncs),
+        this one asks the store again every `poll_seconds`, and once that claim ends (finished, or lapsed
+        `claim_seconds` after a process died) finds these commands synced or syncs them itself. After
+        `wait_seconds` of waiting, or when the store does not answer, it syncs without a claim.
         Raises `CommandsRefused` when Discord refuses a server's commands (403 or 404).
         """
         store = self.client.store
         where = "globally" if guild is None else f"to guild {guild.id}"
-        # Per application: another bot sharing the store has commands of its own.
-        target = f"{self.client.application_id}:{'global' if guild is None else guild.id}"
-        digest = self.digest(guild)
-        try:
-            claimed = await store.claim_command_sync(target, digest, time.time(), SYNC_CLAIM_SECONDS)
-        except StoreUnavailable as error:
-            log.warning("could not tell whether the commands changed (%s); syncing them", error)
-            await self._sync(guild, where)
-            return
-        if not claimed:
-            log.info("commands unchanged, not synced %s", where)
-            return
+        target, digest = self.sync_target(guild), self.digest(guild)
+        # Per attempt, so a claim this attempt lost to a lapse can never be finished by it.
+        owner = secrets.token_urlsafe(9)
+        max_age = 0.0 if self.client.config.sync_commands == "always" else SYNC_RECORD_SECONDS
+        loop = asyncio.get_running_loop()
+        started, deadline = time.time(), loop.time() + wait_seconds
+        waiting = False
+        while True:
+            try:
+                claim = await store.claim_command_sync(
+                    target, digest, owner, time.time(), ttl=claim_seconds, max_age=max_age
+                )
+            except StoreUnavailable as error:
+                log.warning("could not tell whether the commands changed (%s); syncing them %s", error, where)
+                await self._sync(guild, where)
+                # The claim may have reached the store before it stopped answering; then this ends it.
+                await self._finish(target, digest, owner, synced=True)
+                return
+            if claim.outcome == "claimed":
+                break
+            if claim.outcome == "synced":
+                if claim.synced_at is not None and claim.synced_at >= started:
+                    log.info("commands synced by another process %s", where)
+                else:
+                    log.info("commands unchanged, not synced %s", where)
+                return
+            if loop.time() >= deadline:
+                log.warning(
+                    "another process held the claim to sync the commands %s for over %g s; syncing them",
+                    where,
+                    wait_seconds,
+                )
+                await self._sync(guild, where)
+                return
+            if not waiting:
+                log.info("another process claimed the commands' sync %s; waiting for its claim to end", where)
+                waiting = True
+            await asyncio.sleep(poll_seconds)
         try:
             await self._sync(guild, where)
         except BaseException:
-            await self._finish(target, digest, synced=False)
+            await self._finish(target, digest, owner, synced=False)
             raise
-        await self._finish(target, digest, synced=True)
+        if await self._finish(target, digest, owner, synced=True) is False:
+            log.warning(
+                "the claim to sync the commands %s lapsed before the sync ended, so it is not recorded", where
+            )
 
     async def _sync(self, guild: discord.abc.Snowflake | None, where: str) -> None:
         try:
@@ -121,12 +178,16 @@ class DreamshaperTree(app_commands.CommandTree["DreamshaperBot"]):
             raise CommandsRefused(guild.id, error) from None
         log.info("synced %d command(s) %s", len(synced), where)
 
-    async def _finish(self, target: str, digest: str, *, synced: bool) -> None:
+    async def _finish(self, target: str, digest: str, owner: str, *, synced: bool) -> bool | None:
+        """Ends this attempt's claim: False if it held none (any more), None if the store did not answer."""
         try:
-            await self.client.store.finish_command_sync(target, digest, synced=synced)
+            return await self.client.store.finish_command_sync(
+                target, digest, owner, time.time(), synced=synced
+            )
         except StoreUnavailable as error:
-            # The claim lapses by itself; the next start then syncs (again, if this sync went through).
+            # The claim lapses by itself; the next claimer then syncs (again, if this sync went through).
             log.warning("could not record the command sync for %s: %s", target, error)
+            return None
 
 
 class DreamshaperBot(commands.AutoShardedBot):

@@ -6,7 +6,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, cast, get_args
 from urllib.parse import urlsplit
 
 from services.store import check_database_url
@@ -14,6 +14,9 @@ from services.store import check_database_url
 T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# When the slash commands are synced at start: only when they changed (or the record of the last sync is a
+# day old), or at every start, to repair commands changed behind the bot's back at once.
+SyncCommands = Literal["changed", "always"]
 
 # Proxy guides give either the root or discord.py's Route.BASE (root + /api/v10); both name the same root.
 _DISCORD_API_PATH = re.compile(r"/api(?:/v\d+)?/*$", re.IGNORECASE)
@@ -55,6 +58,7 @@ class Config:
     discord_api_base: str | None = None
     discord_gateway_url: str | None = None
     log_level: str = "INFO"
+    sync_commands: SyncCommands = "changed"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -93,6 +97,7 @@ class Config:
             "discord_api_base": reader.get("DISCORD_API_BASE", discord_api_root, None),
             "discord_gateway_url": reader.get("DISCORD_GATEWAY_URL", _ws_url, None),
             "log_level": reader.get("LOG_LEVEL", _log_level, cls.log_level),
+            "sync_commands": reader.get("SYNC_COMMANDS", _sync_commands, cls.sync_commands),
         }
         _check_shards(values["shard_count"], values["shard_ids"], reader.problems)
         if reader.problems:
@@ -241,3 +246,11 @@ def _log_level(raw: str) -> str:
     if level not in LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
     return level
+
+
+def _sync_commands(raw: str) -> SyncCommands:
+    modes = get_args(SyncCommands)
+    mode = raw.lower()
+    if mode not in modes:
+        raise ValueError(f"expected {' or '.join(modes)}")
+    return cast(SyncCommands, mode)

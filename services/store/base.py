@@ -169,6 +169,14 @@ class QuotaUsage:
     resets_at: float | None  # when the oldest counted usage leaves the window (None if nothing counted)
 
 
+@dataclass(frozen=True)
+class SyncClaim:
+    """The store's answer to `Store.claim_command_sync`."""
+
+    outcome: Literal["claimed", "busy", "synced"]
+    synced_at: float | None = None  # with `synced`: when that sync was recorded
+
+
 class Store(Protocol):
     """What the bot keeps between restarts and shares between its processes, behind one small interface.
 
@@ -217,17 +225,28 @@ class Store(Protocol):
 
     async def clear_flag(self, name: str) -> None: ...
 
-    # Command sync: the digest of the commands last synced to each target, so that of several processes
-    # starting together only one syncs, and only what changed.
-    async def claim_command_sync(self, target: str, digest: str, now: float, ttl: float) -> bool:
-        """True when the caller is to sync `digest` to `target`: it is not what was last synced there, and
-        no claim on it younger than `ttl` is under way. A True answer is that claim: until it is finished
-        or lapses, every other caller gets False."""
+    # Command sync: what each target (an application's global commands, or a server's) was last sent, so
+    # that a start syncs only what changed, and one process at a time.
+    async def claim_command_sync(
+        self, target: str, digest: str, owner: str, now: float, *, ttl: float, max_age: float
+    ) -> SyncClaim:
+        """Asks to sync `digest` to `target` as `owner` (a token unique to this attempt); one atomic step.
+
+        `busy` while another owner's claim is under way, whatever its digest (a claim lasts the `ttl` its
+        claimer gave, or until finished): the caller is to ask again once it ends, since what that owner
+        syncs decides whether `digest` still needs syncing. Otherwise `synced` when `digest` is what was
+        last synced there, less than `max_age` seconds ago (0: no record counts), with `synced_at`; and
+        else `claimed`: the caller holds the claim until `now + ttl` and is to sync, then to call
+        `finish_command_sync`.
+        """
         ...
 
-    async def finish_command_sync(self, target: str, digest: str, *, synced: bool) -> None:
-        """Ends a claim: `synced` records `digest` as the target's commands; otherwise the claim is dropped
-        and what was synced before stays recorded, so the next start tries again."""
+    async def finish_command_sync(
+        self, target: str, digest: str, owner: str, now: float, *, synced: bool
+    ) -> bool:
+        """Ends `owner`'s claim: `synced` records `digest` as synced at `now`; otherwise what was synced
+        before stays recorded, so the next claimer syncs. False, changing nothing, when `owner` no longer
+        holds the claim (it lapsed and another owner took it over, or it was finished already)."""
         ...
 
 

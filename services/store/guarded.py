@@ -10,7 +10,15 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from services.store.base import JobRecord, QuotaLimits, QuotaRefusal, QuotaUsage, Reservation, Store
+from services.store.base import (
+    JobRecord,
+    QuotaLimits,
+    QuotaRefusal,
+    QuotaUsage,
+    Reservation,
+    Store,
+    SyncClaim,
+)
 
 T = TypeVar("T")
 
@@ -105,11 +113,17 @@ class GuardedStore:
     async def clear_flag(self, name: str) -> None:
         await self._guard(self.backend.clear_flag(name))
 
-    async def claim_command_sync(self, target: str, digest: str, now: float, ttl: float) -> bool:
-        return await self._guard(self.backend.claim_command_sync(target, digest, now, ttl))
+    async def claim_command_sync(
+        self, target: str, digest: str, owner: str, now: float, *, ttl: float, max_age: float
+    ) -> SyncClaim:
+        return await self._guard(
+            self.backend.claim_command_sync(target, digest, owner, now, ttl=ttl, max_age=max_age)
+        )
 
-    async def finish_command_sync(self, target: str, digest: str, *, synced: bool) -> None:
-        await self._guard(self.backend.finish_command_sync(target, digest, synced=synced))
+    async def finish_command_sync(
+        self, target: str, digest: str, owner: str, now: float, *, synced: bool
+    ) -> bool:
+        return await self._guard(self.backend.finish_command_sync(target, digest, owner, now, synced=synced))
 
 
 def _abandon(task: asyncio.Future[object]) -> None:

@@ -9,8 +9,8 @@ Key layout (all under the configurable prefix):
 - `user:<user>:jobs`    sorted set: job id -> created_at, the user's most recent jobs
 - `lease:<job id>`      hash: owner, expires_at
 - `flag:<name>`         until (epoch seconds)
-- `commands:<target>`   hash: synced (the digest of the commands last synced there), and while a process
-  is syncing them, claimed (its digest) and claimed_until
+- `commands:<target>`   hash: synced and synced_at (the digest of the commands last synced there, and
+  when), and while a process is syncing, owner (its claim's token) and claimed_until
 - `reservations:reserved` sorted set: reservation id -> created_at, for reservations still reserved,
   so one left behind by a process that died before saving its job can be found and refunded
 
@@ -35,6 +35,7 @@ from services.store.base import (
     QuotaRefusal,
     QuotaUsage,
     Reservation,
+    SyncClaim,
     check_images,
     load_job,
     new_reservation_id,
@@ -135,24 +136,31 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
-# KEYS: sync record. ARGV: digest, now, claimed_until. Mirrors SQLiteStore.claim_command_sync.
+# KEYS: sync record. ARGV: digest, owner, now, claimed_until, max_age. Mirrors
+# SQLiteStore.claim_command_sync; returns {outcome} or {"synced", synced_at}.
 CLAIM_SYNC_LUA = """
-local record = redis.call('HMGET', KEYS[1], 'synced', 'claimed', 'claimed_until')
-if record[1] == ARGV[1] or (record[2] == ARGV[1] and tonumber(record[3]) > tonumber(ARGV[2])) then
-  return 0
+local record = redis.call('HMGET', KEYS[1], 'synced', 'synced_at', 'owner', 'claimed_until')
+local now = tonumber(ARGV[3])
+if record[4] and tonumber(record[4]) > now and record[3] ~= ARGV[2] then
+  return {'busy'}
 end
-redis.call('HSET', KEYS[1], 'claimed', ARGV[1], 'claimed_until', ARGV[3])
-return 1
+local max_age = tonumber(ARGV[5])
+if max_age > 0 and record[1] == ARGV[1] and record[2] and tonumber(record[2]) > now - max_age then
+  return {'synced', record[2]}
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'claimed_until', ARGV[4])
+return {'claimed'}
 """
 
-# KEYS: sync record. ARGV: digest, "1" when it was synced.
+# KEYS: sync record. ARGV: owner, digest, now, "1" when it was synced. Returns 1 when `owner` held the claim.
 FINISH_SYNC_LUA = """
-if ARGV[2] == '1' then
-  redis.call('HSET', KEYS[1], 'synced', ARGV[1])
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
+  return 0
 end
-if redis.call('HGET', KEYS[1], 'claimed') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], 'claimed', 'claimed_until')
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'synced', ARGV[2], 'synced_at', ARGV[3])
 end
+redis.call('HDEL', KEYS[1], 'owner', 'claimed_until')
 return 1
 """
 
@@ -390,11 +398,19 @@ class RedisStore:
     def _sync_key(self, target: str) -> str:
         return f"{self._prefix}commands:{target}"
 
-    async def claim_command_sync(self, target: str, digest: str, now: float, ttl: float) -> bool:
-        claimed = await self._claim_sync_script(
-            keys=[self._sync_key(target)], args=[digest, float(now), float(now + ttl)]
+    async def claim_command_sync(
+        self, target: str, digest: str, owner: str, now: float, *, ttl: float, max_age: float
+    ) -> SyncClaim:
+        reply = await self._claim_sync_script(
+            keys=[self._sync_key(target)], args=[digest, owner, float(now), float(now + ttl), float(max_age)]
         )
-        return bool(claimed)
+        outcome = reply[0]
+        return SyncClaim(outcome, float(reply[1]) if outcome == "synced" else None)
 
-    async def finish_command_sync(self, target: str, digest: str, *, synced: bool) -> None:
-        await self._finish_sync_script(keys=[self._sync_key(target)], args=[digest, "1" if synced else "0"])
+    async def finish_command_sync(
+        self, target: str, digest: str, owner: str, now: float, *, synced: bool
+    ) -> bool:
+        finished = await self._finish_sync_script(
+            keys=[self._sync_key(target)], args=[owner, digest, float(now), "1" if synced else "0"]
+        )
+        return bool(finished)

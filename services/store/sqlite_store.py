@@ -29,6 +29,7 @@ from services.store.base import (
     QuotaRefusal,
     QuotaUsage,
     Reservation,
+    SyncClaim,
     check_images,
     evaluate,
     load_job,
@@ -37,7 +38,10 @@ from services.store.base import (
 )
 
 MEMORY = ":memory:"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Below this version `command_syncs` had another layout; it only caches what was synced, so it is dropped
+# and recreated (the next start syncs once more) rather than migrated.
+COMMAND_SYNCS_SINCE = 3
 DEFAULT_BUSY_TIMEOUT = 10.0
 DEFAULT_JOB_RETENTION = 7 * 86400.0
 
@@ -72,7 +76,8 @@ CREATE TABLE IF NOT EXISTS flags (
 CREATE TABLE IF NOT EXISTS command_syncs (
     target TEXT PRIMARY KEY,
     synced TEXT,
-    claimed TEXT,
+    synced_at REAL,
+    owner TEXT,
     claimed_until REAL
 );
 """
@@ -84,10 +89,11 @@ _FINISHED_SQL = ", ".join(f"'{state.value}'" for state in sorted(FINISHED))
 class SQLiteStore:
     """The store of one process (or a few on one machine): one SQLite file it opens and closes.
 
-    It owns the aiosqlite connection, the schema (created or extended at open, where finished jobs past
-    their retention are also pruned) and the lock that keeps this process's coroutines from interleaving
-    statements. Every read-check-write runs in one `BEGIN IMMEDIATE` transaction, so it is atomic against
-    other processes sharing the file too; a locked or vanished file raises one of `TRANSIENT_ERRORS`.
+    It owns the aiosqlite connection, the schema (created or extended at open, where the command-sync
+    cache of an older layout is recreated and finished jobs past their retention are pruned) and the
+    lock that keeps this process's coroutines from interleaving statements. Every read-check-write runs
+    in one `BEGIN IMMEDIATE` transaction, so it is atomic against other processes sharing the file too; a
+    locked or vanished file raises one of `TRANSIENT_ERRORS`.
     """
 
     # What a locked, full or vanished database file raises; anything else is a bug, not an outage.
@@ -125,6 +131,10 @@ class SQLiteStore:
             # the last transactions, which is fine for quota and job bookkeeping.
             await self._db.execute("PRAGMA synchronous=NORMAL")
         async with self._transaction() as db:
+            cursor = await db.execute("PRAGMA user_version")
+            row = await cursor.fetchone()
+            if row is not None and row[0] < COMMAND_SYNCS_SINCE:
+                await db.execute("DROP TABLE IF EXISTS command_syncs")
             for statement in filter(str.strip, SCHEMA.split(";")):
                 await db.execute(statement)
             await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -295,27 +305,39 @@ class SQLiteStore:
 
     # --- command sync ---
 
-    async def claim_command_sync(self, target: str, digest: str, now: float, ttl: float) -> bool:
+    async def claim_command_sync(
+        self, target: str, digest: str, owner: str, now: float, *, ttl: float, max_age: float
+    ) -> SyncClaim:
         async with self._transaction() as db:
             cursor = await db.execute(
-                "SELECT synced, claimed, claimed_until FROM command_syncs WHERE target = ?", (target,)
+                "SELECT synced, synced_at, owner, claimed_until FROM command_syncs WHERE target = ?",
+                (target,),
             )
             row = await cursor.fetchone()
-            if row is not None and (row[0] == digest or (row[1] == digest and row[2] > now)):
-                return False
+            if row is not None:
+                synced, synced_at, claim_owner, claimed_until = row
+                if claimed_until is not None and claimed_until > now and claim_owner != owner:
+                    return SyncClaim("busy")
+                if max_age > 0 and synced == digest and synced_at is not None and synced_at > now - max_age:
+                    return SyncClaim("synced", synced_at)
             await db.execute(
-                "INSERT INTO command_syncs (target, claimed, claimed_until) VALUES (?, ?, ?)"
-                " ON CONFLICT (target) DO UPDATE SET claimed = excluded.claimed,"
+                "INSERT INTO command_syncs (target, owner, claimed_until) VALUES (?, ?, ?)"
+                " ON CONFLICT (target) DO UPDATE SET owner = excluded.owner,"
                 " claimed_until = excluded.claimed_until",
-                (target, digest, now + ttl),
+                (target, owner, now + ttl),
             )
-        return True
+        return SyncClaim("claimed")
 
-    async def finish_command_sync(self, target: str, digest: str, *, synced: bool) -> None:
+    async def finish_command_sync(
+        self, target: str, digest: str, owner: str, now: float, *, synced: bool
+    ) -> bool:
+        recorded = (digest, now) if synced else (None, None)
         async with self._transaction() as db:
-            if synced:
-                await db.execute("UPDATE command_syncs SET synced = ? WHERE target = ?", (digest, target))
-            await db.execute(
-                "UPDATE command_syncs SET claimed = NULL, claimed_until = NULL WHERE target = ? AND claimed = ?",
-                (target, digest),
+            # The owner guard: a claimer whose claim lapsed and was taken over must not overwrite what the
+            # new owner records.
+            cursor = await db.execute(
+                "UPDATE command_syncs SET synced = coalesce(?, synced), synced_at = coalesce(?, synced_at),"
+                " owner = NULL, claimed_until = NULL WHERE target = ? AND owner = ?",
+                (*recorded, target, owner),
             )
+            return cursor.rowcount == 1
