@@ -53,8 +53,9 @@ MAX_DISCORD_RETRY_AFTER = 60.0
 class ProgressMessage:
     """Coalesces progress into at most one edit per interval, however fast events arrive.
 
-    Between Segmind status checks (which grow sparse on long jobs) the elapsed seconds keep moving, so the
-    member can see the job is alive.
+    A change is shown within one interval of its arrival, and between Segmind status checks (which grow
+    sparse on long jobs) the elapsed seconds keep moving, so the member can see the job is alive. The
+    result is not progress: `finish` hands the message over at once, without waiting out the interval.
     """
 
     def __init__(
@@ -68,6 +69,8 @@ class ProgressMessage:
         self._progress: Progress | None = None
         self._progress_at = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self._editing = False
         self._closed = False
 
     def update(self, progress: Progress) -> None:
@@ -75,6 +78,7 @@ class ProgressMessage:
             return
         self._progress, self._progress_at = progress, time.monotonic()
         self._pending = render.progress_text(progress)
+        self._changed.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush())
 
@@ -89,7 +93,11 @@ class ProgressMessage:
             if self._pending is None:
                 if not self._ticking():
                     return
-                await asyncio.sleep(PROGRESS_TICK_SECONDS)
+                # Woken by the next change, so it is not held back until the tick.
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PROGRESS_TICK_SECONDS):
+                        await self._changed.wait()
                 if self._pending is None and self._progress is not None and self._ticking():
                     moved = self._progress.elapsed + time.monotonic() - self._progress_at
                     self._pending = render.progress_text(replace(self._progress, elapsed=moved))
@@ -99,6 +107,7 @@ class ProgressMessage:
             if self._closed or text is None or text == self._shown:
                 continue
             self._last_edit = time.monotonic()
+            self._editing = True
             try:
                 await self._edit(text)
                 self._shown = text
@@ -106,15 +115,25 @@ class ProgressMessage:
                 self._closed = True  # nothing more can be shown; the result will be posted elsewhere
             except discord.HTTPException as error:
                 log.warning("progress edit failed: %s", error)
+            finally:
+                self._editing = False
 
     async def finish(self) -> None:
-        """Stops progress and waits out the interval, so the final edit keeps the same pace."""
+        """Stops progress at once; an edit already on its way is let through first (up to the interval).
+
+        Cut off mid-request, that edit might still reach Discord after the result and overwrite it.
+        """
         self._closed = True
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await asyncio.sleep(max(0.0, self._last_edit + self._interval - time.monotonic()))
+        task = self._task
+        if task is None or task.done():
+            return
+        if self._editing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), self._interval)
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _carries_job(message: discord.Message, job_id: str) -> bool:
