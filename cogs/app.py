@@ -231,7 +231,8 @@ class DreamshaperBot(commands.AutoShardedBot):
             api_key=config.segmind_api_key,
             base_url=config.segmind_base_url,
             model=config.segmind_model,
-            budget=RequestBudget(config.segmind_requests_per_minute),
+            # Shards on one API key spend one budget together, through the store they share.
+            budget=RequestBudget(config.segmind_requests_per_minute, shared=store.shared_request_window()),
             deadline=config.segmind_job_deadline_seconds,
             max_poll_interval=config.segmind_max_poll_seconds,
         )

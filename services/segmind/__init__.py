@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from services.segmind.budget import RequestBudget, parse_reset_at
+from services.segmind.budget import RequestBudget, SharedWindow, parse_reset_at
 from services.segmind.client import JobEvent, JobResult, SegmindClient, SubmittedJob
 from services.segmind.errors import (
     BadRequest,
@@ -46,6 +46,7 @@ __all__ = [
     "SegmindError",
     "SegmindState",
     "ServerError",
+    "SharedWindow",
     "SubmittedJob",
     "Unauthorized",
     "UnexpectedResponse",

@@ -4,17 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from services.segmind.errors import BudgetExhausted
+
+log = logging.getLogger(__name__)
 
 RESET_HEADER = "x-rate-limit-reset-at-utc"
 MAX_RESET_AHEAD = 3600.0  # Segmind's limits are per minute: a reset further ahead than this is not real
 DEFAULT_MAX_PAUSE = 120.0
+# A shared window that keeps failing would otherwise put one warning in the log per request.
+SHARED_WARNING_INTERVAL = 60.0
+
+
+class SharedWindow(Protocol):
+    """A sliding window of sends that several processes spending one API key draw from together.
+
+    Each call is one atomic step against every process sharing it, on one clock of its own.
+    """
+
+    async def take(self, limit: int, window: float) -> float:
+        """Records a send and returns 0 when fewer than `limit` sends were made in the last `window`
+        seconds and no pause is on; otherwise records nothing and returns the seconds to wait first."""
+        ...
+
+    async def pause(self, seconds: float) -> None:
+        """Holds every send for `seconds` from now, unless a pause already lasts longer."""
+        ...
 
 
 class RequestBudget:
@@ -22,6 +44,11 @@ class RequestBudget:
 
     Shared by every call so that polling many jobs can never exceed the plan's limit, and paused as a whole
     when Segmind answers 429, for at most `max_pause` seconds per 429.
+
+    With a `shared` window, the limit and the pauses hold for every process on that window together: the
+    caller at the head of this process's line, once the local window lets it go, takes its slot from the
+    shared one too, and waits as told when that one is full. A shared window that fails (an outage, a
+    timeout) costs nothing but the sharing: that request goes by the local window alone.
     """
 
     def __init__(
@@ -31,6 +58,7 @@ class RequestBudget:
         window: float = 60.0,
         max_pause: float = DEFAULT_MAX_PAUSE,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedWindow | None = None,
     ):
         if per_minute < 1:
             raise ValueError("per_minute must be at least 1")
@@ -44,6 +72,11 @@ class RequestBudget:
         self._line: deque[object] = deque()
         self._changed = asyncio.Condition()
         self._paused_until = 0.0
+        self.shared = shared
+        # When the shared window last said it is full until: every caller in line waits at least that long.
+        self._shared_until = 0.0
+        self._warned_at = -math.inf
+        self._pause_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def waiting(self) -> int:
@@ -57,7 +90,26 @@ class RequestBudget:
         # `not > 0` also rejects NaN; the cap keeps one 429 with a far reset from stalling every job.
         if not seconds > 0:
             return
-        self._paused_until = max(self._paused_until, self._clock() + min(seconds, self.max_pause))
+        seconds = min(seconds, self.max_pause)
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
+        if self.shared is not None:
+            self._share_pause(self.shared, seconds)
+
+    def _share_pause(self, shared: SharedWindow, seconds: float) -> None:
+        # In the background: the caller that met the 429 must not wait on the store to learn it is paused.
+        try:
+            task = asyncio.get_running_loop().create_task(self._send_pause(shared, seconds))
+        except RuntimeError:  # no loop running, so no request can be waiting on this budget either
+            return
+        # Held, or the loop could collect the task before it ran.
+        self._pause_tasks.add(task)
+        task.add_done_callback(self._pause_tasks.discard)
+
+    async def _send_pause(self, shared: SharedWindow, seconds: float) -> None:
+        try:
+            await shared.pause(seconds)
+        except Exception as error:
+            self._warn("the pause was not shared with the other processes", error)
 
     async def acquire(
         self, on_wait: Callable[[int, float], None] | None = None, *, max_wait: float | None = None
@@ -76,8 +128,10 @@ class RequestBudget:
                     position = self._line.index(ticket) + 1
                     expected = self._expected_delay(position)
                     if position == 1 and expected <= 0:
-                        self._sent.append(self._clock())
-                        return
+                        expected = await self._take_shared()
+                        if expected <= 0:
+                            self._sent.append(self._clock())
+                            return
                     timeout = expected if position == 1 else None
                     if give_up_at is not None:
                         remaining = give_up_at - self._clock()
@@ -96,6 +150,34 @@ class RequestBudget:
             async with self._changed:
                 self._changed.notify_all()
 
+    async def _take_shared(self) -> float:
+        """0 when the shared window (if any) granted a slot, or the seconds it says to wait."""
+        if self.shared is None:
+            return 0.0
+        try:
+            wait = float(await self.shared.take(self.per_minute, self.window))
+        except Exception as error:
+            # Jobs must not stall on an outage of the store: this request goes by the local window alone.
+            self._warn("sending by this process's window alone", error)
+            return 0.0
+        if not wait > 0:  # NaN included: a reply that is not a wait is no reason to hold anyone
+            return 0.0
+        # Far more than a window or a pause can last would be a broken reply, not a reason to stall.
+        wait = min(wait, self.window + self.max_pause)
+        self._shared_until = self._clock() + wait
+        return wait
+
+    def _warn(self, what: str, error: Exception) -> None:
+        now = self._clock()
+        if now - self._warned_at >= SHARED_WARNING_INTERVAL:
+            self._warned_at = now
+            log.warning(
+                "segmind budget: the shared request window failed (%s: %s); %s",
+                type(error).__name__,
+                error,
+                what,
+            )
+
     def _expected_delay(self, position: int) -> float:
         """Seconds until the caller at `position` in line gets its slot, if nothing else changes.
 
@@ -107,7 +189,7 @@ class RequestBudget:
         sends = list(self._sent)
         grant = now
         for _ in range(position):
-            grant = max(now, self._paused_until)
+            grant = max(now, self._paused_until, self._shared_until)
             if len(sends) >= self.per_minute:
                 grant = max(grant, sends[-self.per_minute] + self.window)
             sends.append(grant)

@@ -12,7 +12,10 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from services.segmind.budget import SharedWindow
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +250,12 @@ class Store(Protocol):
         """Ends `owner`'s claim: `synced` records `digest` as synced at `now`; otherwise what was synced
         before stays recorded, so the next claimer syncs. False, changing nothing, when `owner` no longer
         holds the claim (it lapsed and another owner took it over, or it was finished already)."""
+        ...
+
+    # The Segmind request budget: several processes on one API key must keep to one limit together.
+    def shared_request_window(self) -> SharedWindow | None:
+        """The request window every process on this store shares, or None when the backend serves one
+        process only (SQLite), whose own window is then the whole budget."""
         ...
 
 

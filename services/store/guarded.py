@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from services.store.base import (
     JobRecord,
@@ -20,9 +20,15 @@ from services.store.base import (
     SyncClaim,
 )
 
+if TYPE_CHECKING:
+    from services.segmind.budget import SharedWindow
+
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 5.0
+# Every request to Segmind waits on the shared window: a store that is slow to answer must cost each one
+# little, after which the request goes by its process's own window.
+REQUEST_WINDOW_TIMEOUT = 1.0
 
 
 class StoreUnavailable(Exception):
@@ -47,13 +53,14 @@ class GuardedStore:
         self.timeout = timeout
         self._transient = transient
 
-    async def _guard(self, call: Awaitable[T]) -> T:
+    async def _guard(self, call: Awaitable[T], timeout: float | None = None) -> T:
+        timeout = self.timeout if timeout is None else timeout
         task = asyncio.ensure_future(call)
         try:
-            return await asyncio.wait_for(asyncio.shield(task), self.timeout)
+            return await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
             _abandon(task)
-            raise StoreUnavailable(f"the store did not answer within {self.timeout:g} s") from None
+            raise StoreUnavailable(f"the store did not answer within {timeout:g} s") from None
         except asyncio.CancelledError:
             _abandon(task)
             raise
@@ -124,6 +131,29 @@ class GuardedStore:
         self, target: str, digest: str, owner: str, now: float, *, synced: bool
     ) -> bool:
         return await self._guard(self.backend.finish_command_sync(target, digest, owner, now, synced=synced))
+
+    def shared_request_window(self) -> SharedWindow | None:
+        window = self.backend.shared_request_window()
+        return None if window is None else GuardedWindow(self, window)
+
+
+class GuardedWindow:
+    """A backend's shared request window, each call bounded by `REQUEST_WINDOW_TIMEOUT` (or the store's
+    own timeout, if shorter) and its outages raised as `StoreUnavailable`, like every store call."""
+
+    def __init__(self, store: GuardedStore, window: SharedWindow) -> None:
+        self._store = store
+        self._window = window
+
+    @property
+    def _timeout(self) -> float:
+        return min(REQUEST_WINDOW_TIMEOUT, self._store.timeout)
+
+    async def take(self, limit: int, window: float) -> float:
+        return await self._store._guard(self._window.take(limit, window), self._timeout)
+
+    async def pause(self, seconds: float) -> None:
+        await self._store._guard(self._window.pause(seconds), self._timeout)
 
 
 def _abandon(task: asyncio.Future[object]) -> None:

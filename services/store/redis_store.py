@@ -13,9 +13,12 @@ Key layout (all under the configurable prefix):
   when), and while a process is syncing, owner (its claim's token) and claimed_until
 - `reservations:reserved` sorted set: reservation id -> created_at, for reservations still reserved,
   so one left behind by a process that died before saving its job can be found and refunded
+- `segmind:budget`        sorted set: a token per request sent to Segmind -> when (Redis's clock), the
+  sliding window every process on one API key draws from
+- `segmind:budget:paused` until when (Redis's clock) every process holds its requests after a 429
 
 Scripts declare every key they touch in KEYS (reservation ids embed the user id for that reason).
-Times are caller-supplied epoch floats; redis-py sends floats as repr() and Redis returns scores
+Times are caller-supplied epoch floats (but for the request window's, which use Redis's clock); redis-py sends floats as repr() and Redis returns scores
 with full precision, so comparisons match the SQLite store exactly.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -173,6 +177,68 @@ return 0
 """
 
 
+# KEYS: window, paused. ARGV: limit, window seconds, token. Returns "0" when the send is recorded, else the
+# seconds to wait. The clock is Redis's own (TIME) so that processes on machines whose clocks disagree
+# still share one window. Strings, since Redis would truncate a Lua number to an integer.
+TAKE_SLOT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local paused = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if paused > now then
+  return tostring(paused - now)
+end
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local count = redis.call('ZCARD', KEYS[1])
+if count < limit then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000) + 1000)
+  return '0'
+end
+-- A process with a smaller limit can meet more sends than its limit: it waits until enough have left.
+local oldest = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
+local wait = tonumber(oldest[2]) + window - now
+if wait <= 0 then wait = 0.001 end
+return tostring(wait)
+"""
+
+# KEYS: paused. ARGV: seconds. A pause only ever extends: one process's short 429 must not end another's.
+PAUSE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ends = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if ends > current then
+  redis.call('SET', KEYS[1], string.format("%.6f", ends), 'PX', math.ceil(tonumber(ARGV[1]) * 1000) + 1000)
+end
+return 0
+"""
+
+
+class RedisRequestWindow:
+    """The Segmind request window every process on one Redis store shares (a `SharedWindow`)."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self._window_key = f"{prefix}segmind:budget"
+        self._paused_key = f"{prefix}segmind:budget:paused"
+        self._take_script = client.register_script(TAKE_SLOT_LUA)
+        self._pause_script = client.register_script(PAUSE_LUA)
+
+    async def take(self, limit: int, window: float) -> float:
+        # A token per send: two sends in one microsecond must count twice.
+        token = secrets.token_hex(8)
+        reply = await self._take_script(
+            keys=[self._window_key, self._paused_key], args=[int(limit), float(window), token]
+        )
+        return float(reply)
+
+    async def pause(self, seconds: float) -> None:
+        if not seconds > 0:
+            return
+        await self._pause_script(keys=[self._paused_key], args=[float(seconds)])
+
+
 class RedisStore:
     """The store several bot processes share (one per shard, on any machine), on one Redis database.
 
@@ -201,6 +267,7 @@ class RedisStore:
         self._release_script = client.register_script(RELEASE_LEASE_LUA)
         self._claim_sync_script = client.register_script(CLAIM_SYNC_LUA)
         self._finish_sync_script = client.register_script(FINISH_SYNC_LUA)
+        self._request_window = RedisRequestWindow(client, prefix)
 
     @classmethod
     async def open(
@@ -414,3 +481,8 @@ class RedisStore:
             keys=[self._sync_key(target)], args=[owner, digest, float(now), "1" if synced else "0"]
         )
         return bool(finished)
+
+    # --- request budget ---
+
+    def shared_request_window(self) -> RedisRequestWindow:
+        return self._request_window

@@ -341,3 +341,10 @@ class SQLiteStore:
                 (*recorded, target, owner),
             )
             return cursor.rowcount == 1
+
+    # --- request budget ---
+
+    def shared_request_window(self) -> None:
+        # Shards run as processes on one Redis; a SQLite deployment is one process, whose own window is
+        # the whole budget.
+        return None
