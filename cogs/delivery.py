@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
 from discord.ext import commands, tasks
 
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EDIT_INTERVAL = 1.5
 PROGRESS_TICK_SECONDS = 5.0
+# How long the result waits for a progress edit already sent; discord.py's own retries fit well within it.
+EDIT_LANDING_SECONDS = 10.0
 # Discord invalidates interaction tokens after 15 minutes; stop using one a little before that.
 TOKEN_LIFETIME = 15 * 60 - 30
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
@@ -113,27 +116,29 @@ class ProgressMessage:
                 self._shown = text
             except TokenExpired:
                 self._closed = True  # nothing more can be shown; the result will be posted elsewhere
-            except discord.HTTPException as error:
-                log.warning("progress edit failed: %s", error)
+            except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as error:
+                # A lost progress edit must not end the job; discord.py lets network errors through.
+                log.warning("progress edit failed: %s", error or type(error).__name__)
             finally:
                 self._editing = False
 
     async def finish(self) -> None:
-        """Stops progress at once; an edit already on its way is let through first (up to the interval).
+        """Stops progress at once; an edit already on its way is let through first.
 
-        Cut off mid-request, that edit might still reach Discord after the result and overwrite it.
+        Its request may have left already: cut off, it could still reach Discord after the result and
+        overwrite the result's text. It is given `EDIT_LANDING_SECONDS` to land.
         """
         self._closed = True
         task = self._task
         if task is None or task.done():
             return
         if self._editing:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), self._interval)
+            await asyncio.wait({task}, timeout=EDIT_LANDING_SECONDS)
         if not task.done():
             task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+            await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("progress stopped on an error: %r", task.exception())
 
 
 def _carries_job(message: discord.Message, job_id: str) -> bool:

@@ -87,3 +87,28 @@ async def test_finish_lets_an_edit_on_its_way_land_first() -> None:
     progress.update(Progress(ProgressKind.GENERATING, request_id="r1"))
     await asyncio.sleep(INTERVAL * 2)
     assert len(edits.started) == 1
+
+
+async def test_an_edit_slower_than_the_interval_still_lands_before_the_result() -> None:
+    edits = RecordedEdits(seconds=INTERVAL * 3)
+    progress = ProgressMessage(edits, interval=INTERVAL)
+    progress.update(Progress(ProgressKind.QUEUED, request_id="r1"))
+    await edits.wait_for(1, timeout=1)
+    await progress.finish()
+    assert edits.ended == [edits.started[0][1]]
+
+
+class FailingEdits(RecordedEdits):
+    async def __call__(self, text: str) -> None:
+        await super().__call__(text)
+        raise OSError("connection reset by peer")
+
+
+async def test_a_network_error_on_a_progress_edit_does_not_end_the_job() -> None:
+    edits = FailingEdits(seconds=0.05)
+    progress = ProgressMessage(edits, interval=INTERVAL)
+    progress.update(Progress(ProgressKind.QUEUED, request_id="r1"))
+    await edits.wait_for(1, timeout=1)
+    progress.update(Progress(ProgressKind.GENERATING, request_id="r1"))
+    await edits.wait_for(2, timeout=2)
+    await progress.finish()  # raises nothing: the job goes on to its result

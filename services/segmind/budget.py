@@ -21,6 +21,8 @@ MAX_RESET_AHEAD = 3600.0  # Segmind's limits are per minute: a reset further ahe
 DEFAULT_MAX_PAUSE = 120.0
 # A shared window that keeps failing would otherwise put one warning in the log per request.
 SHARED_WARNING_INTERVAL = 60.0
+# After the shared window failed, how long requests go by the local window alone before it is tried again.
+SHARED_RETRY_SECONDS = 15.0
 
 
 class SharedWindow(Protocol):
@@ -76,6 +78,7 @@ class RequestBudget:
         # When the shared window last said it is full until: every caller in line waits at least that long.
         self._shared_until = 0.0
         self._warned_at = -math.inf
+        self._shared_skip_until = -math.inf
         self._pause_tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -123,41 +126,73 @@ class RequestBudget:
         ticket = object()
         self._line.append(ticket)
         try:
-            async with self._changed:
-                while True:
+            while True:
+                async with self._changed:
                     position = self._line.index(ticket) + 1
                     expected = self._expected_delay(position)
-                    if position == 1 and expected <= 0:
-                        expected = await self._take_shared()
-                        if expected <= 0:
-                            self._sent.append(self._clock())
-                            return
-                    timeout = expected if position == 1 else None
-                    if give_up_at is not None:
-                        remaining = give_up_at - self._clock()
-                        if expected > remaining:
-                            raise BudgetExhausted(
-                                f"no request slot free for {expected:.0f} s",
-                                reset_at=datetime.now(UTC) + timedelta(seconds=expected),
-                            )
-                        timeout = remaining if timeout is None else min(timeout, remaining)
-                    if on_wait is not None:
-                        on_wait(position, expected)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), timeout=timeout)
+                    if position == 1 and expected <= 0 and not self._sharing():
+                        self._grant(ticket)
+                        return
+                    if position > 1 or expected > 0:
+                        await self._wait_turn(position, expected, give_up_at, on_wait)
+                        continue
+                # At the head, and this process's window allows. The shared window is asked outside the
+                # lock, so the callers behind (and those leaving) never queue behind a slow store.
+                expected = await self._take_shared(give_up_at)
+                async with self._changed:
+                    if expected <= 0:
+                        self._grant(ticket)
+                        return
+                    await self._wait_turn(1, expected, give_up_at, on_wait)
         finally:
-            self._line.remove(ticket)
-            async with self._changed:
-                self._changed.notify_all()
+            if ticket in self._line:
+                self._line.remove(ticket)
+                async with self._changed:
+                    self._changed.notify_all()
 
-    async def _take_shared(self) -> float:
+    def _grant(self, ticket: object) -> None:
+        """Under the lock: the slot is spent, and the next in line learns it is at the head."""
+        self._sent.append(self._clock())
+        self._line.remove(ticket)
+        self._changed.notify_all()
+
+    async def _wait_turn(
+        self,
+        position: int,
+        expected: float,
+        give_up_at: float | None,
+        on_wait: Callable[[int, float], None] | None,
+    ) -> None:
+        """Under the lock: waits until the line or the budget changes, or the head's slot comes due."""
+        timeout = expected if position == 1 else None
+        if give_up_at is not None:
+            remaining = give_up_at - self._clock()
+            if expected > remaining:
+                raise BudgetExhausted(
+                    f"no request slot free for {expected:.0f} s",
+                    reset_at=datetime.now(UTC) + timedelta(seconds=expected),
+                )
+            timeout = remaining if timeout is None else min(timeout, remaining)
+        if on_wait is not None:
+            on_wait(position, expected)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout=timeout)
+
+    def _sharing(self) -> bool:
+        return self.shared is not None and self._clock() >= self._shared_skip_until
+
+    async def _take_shared(self, give_up_at: float | None) -> float:
         """0 when the shared window (if any) granted a slot, or the seconds it says to wait."""
-        if self.shared is None:
+        if self.shared is None or not self._sharing():
             return 0.0
+        bound = None if give_up_at is None else max(0.0, give_up_at - self._clock())
         try:
-            wait = float(await self.shared.take(self.per_minute, self.window))
+            async with asyncio.timeout(bound):
+                wait = float(await self.shared.take(self.per_minute, self.window))
         except Exception as error:
-            # Jobs must not stall on an outage of the store: this request goes by the local window alone.
+            # Jobs must not stall on an outage of the store: requests go by the local window alone for a
+            # while, so an outage costs one timeout, not one per request.
+            self._shared_skip_until = self._clock() + SHARED_RETRY_SECONDS
             self._warn("sending by this process's window alone", error)
             return 0.0
         if not wait > 0:  # NaN included: a reply that is not a wait is no reason to hold anyone
