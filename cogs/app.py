@@ -61,6 +61,11 @@ def point_discord_py_at(api_base: str | None, gateway_url: str | None) -> None:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
 
 
+def segmind_account(config: Config) -> str:
+    """Whose Segmind plan the bot's requests count against, as a name safe to store: a digest of the key."""
+    return hashlib.sha256(config.segmind_api_key.encode()).hexdigest()[:16]
+
+
 class CommandsRefused(Exception):
     """Discord refused the commands for a server (403 or 404): the bot is not in it, or lacks the scope."""
 
@@ -232,7 +237,9 @@ class DreamshaperBot(commands.AutoShardedBot):
             base_url=config.segmind_base_url,
             model=config.segmind_model,
             # Shards on one API key spend one budget together, through the store they share.
-            budget=RequestBudget(config.segmind_requests_per_minute, shared=store.shared_request_window()),
+            budget=RequestBudget(
+                config.segmind_requests_per_minute, shared=store.shared_request_window(segmind_account(config))
+            ),
             deadline=config.segmind_job_deadline_seconds,
             max_poll_interval=config.segmind_max_poll_seconds,
         )

@@ -22,6 +22,9 @@ from tests.test_shards import SECOND_CHANNEL_ID, SECOND_GUILD_ID, start_two_shar
 
 __all__ = ["bot_processes"]
 
+# Whose plan the requests count against, as the bot names it (a digest of the API key).
+ACCOUNT = "plan-a"
+
 
 @pytest.fixture
 async def two_stores(tmp_path: Path) -> AsyncIterator[tuple[GuardedStore, GuardedStore]]:
@@ -55,7 +58,7 @@ async def test_two_connections_taking_slots_at_once_are_granted_exactly_the_limi
     windows = []
     for store in two_stores:
         assert isinstance(store.backend, RedisStore)
-        windows.append(store.backend.shared_request_window())
+        windows.append(store.backend.shared_request_window(ACCOUNT))
     replies = await asyncio.gather(*(windows[n % 2].take(5, 60.0) for n in range(20)))
     assert sum(1 for wait in replies if wait == 0) == 5
     assert all(0 < wait <= 60 for wait in replies if wait != 0)
@@ -67,7 +70,7 @@ async def test_two_connections_taking_slots_at_once_are_granted_exactly_the_limi
 async def test_a_slot_frees_when_the_oldest_send_leaves_the_window(
     two_stores: tuple[GuardedStore, GuardedStore],
 ) -> None:
-    first, second = (store.shared_request_window() for store in two_stores)
+    first, second = (store.shared_request_window(ACCOUNT) for store in two_stores)
     assert first is not None and second is not None
     assert await first.take(2, 0.4) == 0
     await asyncio.sleep(0.1)
@@ -81,7 +84,7 @@ async def test_a_slot_frees_when_the_oldest_send_leaves_the_window(
 async def test_a_pause_from_one_process_holds_the_other_and_only_ever_extends(
     two_stores: tuple[GuardedStore, GuardedStore],
 ) -> None:
-    first, second = (store.shared_request_window() for store in two_stores)
+    first, second = (store.shared_request_window(ACCOUNT) for store in two_stores)
     assert first is not None and second is not None
     await first.pause(30)
     assert 29 < await second.take(100, 60.0) <= 30
@@ -89,10 +92,22 @@ async def test_a_pause_from_one_process_holds_the_other_and_only_ever_extends(
     assert 28 < await first.take(100, 60.0) <= 30
 
 
+async def test_bots_with_different_keys_on_one_store_have_budgets_of_their_own(
+    two_stores: tuple[GuardedStore, GuardedStore],
+) -> None:
+    mine, theirs = two_stores[0].shared_request_window(ACCOUNT), two_stores[1].shared_request_window("plan-b")
+    assert mine is not None and theirs is not None
+    assert await mine.take(1, 60.0) == 0
+    assert await mine.take(1, 60.0) > 0
+    assert await theirs.take(1, 60.0) == 0
+    await mine.pause(30)
+    assert await theirs.take(2, 60.0) == 0
+
+
 async def test_sqlite_has_no_shared_window(tmp_path: Path) -> None:
     store: Store = await open_store(await database_url("sqlite", tmp_path))
     try:
-        assert store.shared_request_window() is None
+        assert store.shared_request_window(ACCOUNT) is None
     finally:
         await store.close()
 
@@ -105,7 +120,7 @@ async def test_two_budgets_on_one_window_keep_the_limit_together_and_both_get_sl
 ) -> None:
     limit, window, run_for = 6, 2.0, 5.0
     budgets = [
-        RequestBudget(limit, window=window, shared=store.shared_request_window()) for store in two_stores
+        RequestBudget(limit, window=window, shared=store.shared_request_window(ACCOUNT)) for store in two_stores
     ]
     granted: list[tuple[float, int]] = []
     stop_at = time.monotonic() + run_for
@@ -131,7 +146,7 @@ async def test_two_budgets_on_one_window_keep_the_limit_together_and_both_get_sl
 
 
 async def test_a_429_in_one_budget_pauses_the_other(two_stores: tuple[GuardedStore, GuardedStore]) -> None:
-    first, second = (RequestBudget(600, shared=store.shared_request_window()) for store in two_stores)
+    first, second = (RequestBudget(600, shared=store.shared_request_window(ACCOUNT)) for store in two_stores)
     first.pause_for(0.6)
     await asyncio.sleep(0.1)  # the pause is shared in the background
     waits: list[tuple[int, float]] = []
@@ -176,7 +191,7 @@ class WindowOnlyBackend:
     def __init__(self, window: BrokenWindow) -> None:
         self.window = window
 
-    def shared_request_window(self) -> BrokenWindow:
+    def shared_request_window(self, account: str) -> BrokenWindow:
         return self.window
 
     async def close(self) -> None:
@@ -205,7 +220,7 @@ async def test_a_failing_shared_window_leaves_the_local_window_in_charge(
 async def test_a_hung_shared_window_costs_one_timeout_not_one_per_request() -> None:
     hung = BrokenWindow(hang=True)
     store = GuardedStore(WindowOnlyBackend(hung), transient=(ConnectionError,), timeout=0.2)  # type: ignore[arg-type]
-    budget = RequestBudget(600, shared=store.shared_request_window())
+    budget = RequestBudget(600, shared=store.shared_request_window(ACCOUNT))
     started = time.monotonic()
     await asyncio.wait_for(asyncio.gather(*(budget.acquire() for _ in range(6))), 2.0)
     assert time.monotonic() - started < 0.6

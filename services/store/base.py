@@ -253,9 +253,12 @@ class Store(Protocol):
         ...
 
     # The Segmind request budget: several processes on one API key must keep to one limit together.
-    def shared_request_window(self) -> SharedWindow | None:
-        """The request window every process on this store shares, or None when the backend serves one
-        process only (SQLite), whose own window is then the whole budget."""
+    def shared_request_window(self, account: str) -> SharedWindow | None:
+        """The request window every process on this store spending `account`'s budget shares, or None
+        when the backend serves one process only (SQLite), whose own window is then the whole budget.
+
+        `account` names whose plan the requests count against (a digest of the API key, never the key):
+        bots on one store with different keys have budgets of their own."""
         ...
 
 

@@ -132,8 +132,8 @@ class GuardedStore:
     ) -> bool:
         return await self._guard(self.backend.finish_command_sync(target, digest, owner, now, synced=synced))
 
-    def shared_request_window(self) -> SharedWindow | None:
-        window = self.backend.shared_request_window()
+    def shared_request_window(self, account: str) -> SharedWindow | None:
+        window = self.backend.shared_request_window(account)
         return None if window is None else GuardedWindow(self, window)
 
 

@@ -219,9 +219,9 @@ return 0
 class RedisRequestWindow:
     """The Segmind request window every process on one Redis store shares (a `SharedWindow`)."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
-        self._window_key = f"{prefix}segmind:budget"
-        self._paused_key = f"{prefix}segmind:budget:paused"
+    def __init__(self, client: aioredis.Redis, prefix: str, account: str) -> None:
+        self._window_key = f"{prefix}segmind:budget:{account}"
+        self._paused_key = f"{prefix}segmind:budget:{account}:paused"
         self._take_script = client.register_script(TAKE_SLOT_LUA)
         self._pause_script = client.register_script(PAUSE_LUA)
 
@@ -267,7 +267,6 @@ class RedisStore:
         self._release_script = client.register_script(RELEASE_LEASE_LUA)
         self._claim_sync_script = client.register_script(CLAIM_SYNC_LUA)
         self._finish_sync_script = client.register_script(FINISH_SYNC_LUA)
-        self._request_window = RedisRequestWindow(client, prefix)
 
     @classmethod
     async def open(
@@ -484,5 +483,5 @@ class RedisStore:
 
     # --- request budget ---
 
-    def shared_request_window(self) -> RedisRequestWindow:
-        return self._request_window
+    def shared_request_window(self, account: str) -> RedisRequestWindow:
+        return RedisRequestWindow(self._redis, self._prefix, account)

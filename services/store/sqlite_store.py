@@ -344,7 +344,7 @@ class SQLiteStore:
 
     # --- request budget ---
 
-    def shared_request_window(self) -> None:
+    def shared_request_window(self, account: str) -> None:
         # Shards run as processes on one Redis; a SQLite deployment is one process, whose own window is
         # the whole budget.
         return None
