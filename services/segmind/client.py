@@ -255,30 +255,14 @@ class SegmindClient:
         url = self._job_url(
             job.request_id, job.status_url, self.handle_for(job.request_id, job.request).status_url
         )
-        state, body = await self._transport.send(
-            "GET",
-            url,
-            idempotent=True,
-            limit=SMALL_BODY_LIMIT,
-            accept=lambda reply: _job_answer(reply, job.request_id, with_outputs=False),
-        )
-        if state is SegmindState.FAILED:
-            raise JobFailed(error_text(body), request_id=job.request_id)
+        state, _ = await self._ask_job(job, url, limit=SMALL_BODY_LIMIT, with_outputs=False)
         return state
 
     async def result(self, job: SubmittedJob) -> JobResult:
         url = self._job_url(
             job.request_id, job.response_url, self.handle_for(job.request_id, job.request).response_url
         )
-        state, body = await self._transport.send(
-            "GET",
-            url,
-            idempotent=True,
-            limit=RESULT_BODY_LIMIT,
-            accept=lambda reply: _job_answer(reply, job.request_id, with_outputs=True),
-        )
-        if state is SegmindState.FAILED:
-            raise JobFailed(error_text(body), request_id=job.request_id)
+        state, body = await self._ask_job(job, url, limit=RESULT_BODY_LIMIT, with_outputs=True)
         if state is not SegmindState.COMPLETED:
             raise UnexpectedResponse(f"result asked while the job is {state}", request_id=job.request_id)
         metrics = body.get("metrics") if isinstance(body.get("metrics"), dict) else {}
@@ -349,6 +333,21 @@ class SegmindClient:
         )
 
     # -- the job's URLs --
+
+    async def _ask_job(
+        self, job: SubmittedJob, url: str, *, limit: int, with_outputs: bool
+    ) -> tuple[SegmindState, dict[str, Any]]:
+        """The job's state and answer from its status or result URL; FAILED raises `JobFailed`."""
+        state, body = await self._transport.send(
+            "GET",
+            url,
+            idempotent=True,
+            limit=limit,
+            accept=lambda reply: _job_answer(reply, job.request_id, with_outputs=with_outputs),
+        )
+        if state is SegmindState.FAILED:
+            raise JobFailed(error_text(body), request_id=job.request_id)
+        return state, body
 
     def _job_url(self, request_id: str, url: object, documented: str) -> str:
         """Segmind's own URL for a job when it is on the base origin, else the documented one."""
