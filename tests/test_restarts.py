@@ -33,6 +33,11 @@ async def wait_for_submit(processes: BotLauncher, count: int = 1) -> None:
     await processes.discord.wait_for(lambda: len(processes.segmind.stats.submits) >= count, timeout=20)
 
 
+async def wait_for_first_poll(processes: BotLauncher) -> None:
+    """The bot polls only after it has recorded Segmind's request id, so a kill from here on is mid-job."""
+    await processes.discord.wait_for(lambda: bool(processes.segmind.stats.requests_to("status")), timeout=20)
+
+
 async def start_one_job(
     processes: BotLauncher, database: str, prompt: str, **options: object
 ) -> tuple[BotProcess, InteractionHandle]:
@@ -55,7 +60,7 @@ async def test_sigkill_mid_generation_then_restart_delivers_once(
 ) -> None:
     database = await database_url(store, tmp_path)
     first, handle = await start_one_job(bot_processes, database, "survives a crash", samples=2)
-    await wait_for_submit(bot_processes)
+    await wait_for_first_poll(bot_processes)
     first.kill()
     await first.wait(10)
 
