@@ -36,3 +36,14 @@ async def bot_processes(tmp_path: Path) -> AsyncIterator[BotLauncher]:
             yield launcher
         finally:
             await launcher.stop_all()
+
+
+async def wait_for_first_poll(processes: BotLauncher) -> None:
+    """Until Segmind has been asked about the first submitted job. The bot polls only after it recorded the
+    request id, so a kill from here on is a kill mid-job, not one between Segmind's answer and the record."""
+
+    def polled() -> bool:
+        submits = processes.segmind.stats.submits
+        return bool(submits) and processes.segmind.stats.status_polls_by_id[submits[0].request_id] > 0
+
+    await processes.discord.wait_for(polled, timeout=20)

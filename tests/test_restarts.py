@@ -11,7 +11,7 @@ import pytest
 from devtools.fakes.discord.server import InteractionHandle
 from devtools.launcher import BotLauncher, BotProcess
 from tests.conftest import database_url
-from tests.processes import bot_processes
+from tests.processes import bot_processes, wait_for_first_poll
 
 __all__ = ["bot_processes"]
 
@@ -31,11 +31,6 @@ def deliveries(processes: BotLauncher, handle: InteractionHandle) -> int:
 
 async def wait_for_submit(processes: BotLauncher, count: int = 1) -> None:
     await processes.discord.wait_for(lambda: len(processes.segmind.stats.submits) >= count, timeout=20)
-
-
-async def wait_for_first_poll(processes: BotLauncher) -> None:
-    """The bot polls only after it has recorded Segmind's request id, so a kill from here on is mid-job."""
-    await processes.discord.wait_for(lambda: bool(processes.segmind.stats.requests_to("status")), timeout=20)
 
 
 async def start_one_job(
@@ -64,12 +59,13 @@ async def test_sigkill_mid_generation_then_restart_delivers_once(
     first.kill()
     await first.wait(10)
 
-    await bot_processes.start(database, ready_count=2)
+    second = await bot_processes.start(database, ready_count=2)
     await wait_for_images(bot_processes, handle)
 
     assert len(bot_processes.segmind.stats.submits) == 1
     assert deliveries(bot_processes, handle) == 1
     assert handle.original is not None and len(handle.original.attachments) == 2
+    assert "resumed, following" in second.log()
 
 
 @pytest.mark.parametrize("store", STORES)

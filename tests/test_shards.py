@@ -7,7 +7,7 @@ from pathlib import Path
 
 from devtools.launcher import BotLauncher
 from tests.conftest import database_url
-from tests.processes import bot_processes
+from tests.processes import bot_processes, wait_for_first_poll
 
 __all__ = ["bot_processes"]
 
@@ -63,8 +63,7 @@ async def test_a_job_started_on_one_process_is_resumed_by_the_other_and_delivere
     discord = bot_processes.discord
     handle = await discord.send_slash_command("imagine", {"prompt": "handed over", "samples": 2})
     await handle.wait_for_callback()
-    # The bot polls only once Segmind's request id is recorded: a kill before that is a kill mid-submit.
-    await discord.wait_for(lambda: bool(bot_processes.segmind.stats.requests_to("status")), timeout=20)
+    await wait_for_first_poll(bot_processes)
     first.kill()  # type: ignore[attr-defined]
 
     await discord.wait_for(
