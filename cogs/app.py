@@ -7,6 +7,7 @@ them; tests and devtools build it the same way against local stand-ins.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import logging
@@ -28,9 +29,10 @@ from cogs.imagine import Imagine
 from services.config import Config, discord_api_root
 from services.jobs import JobService
 from services.quota import QuotaGuard
-from services.segmind import RequestBudget, SegmindClient
+from services.segmind import PLAN_WINDOW_SECONDS, RequestBudget, SegmindClient
 from services.store import Store, StoreUnavailable
 from services.store.base import QuotaLimits
+from services.watchdog import LoopWatchdog
 
 log = logging.getLogger("dreamshaper")
 
@@ -43,6 +45,12 @@ SYNC_CLAIM_SECONDS = 60.0
 SYNC_RECORD_SECONDS = 24 * 3600.0
 # How often a process waiting for another's claim asks the store whether it ended.
 SYNC_POLL_SECONDS = 0.5
+# Connections to Discord the bot keeps open at most (discord.py's own default has no limit): a burst of
+# commands then reuses them for its acknowledgements and edits instead of opening a connection (a TLS
+# handshake, at Discord) for each one in flight.
+DISCORD_CONNECTIONS = 64
+# Collections of the middle generation before a full one (Python's default: 10); see keep_collections_short.
+FULL_COLLECTION_EVERY = 100
 # Long enough for a claim under way to lapse and for one more process's sync; past it, a process syncs
 # without a claim rather than start with commands nobody synced.
 SYNC_WAIT_SECONDS = 2 * SYNC_CLAIM_SECONDS
@@ -59,6 +67,20 @@ def point_discord_py_at(api_base: str | None, gateway_url: str | None) -> None:
         discord.http.Route.BASE = f"{discord_api_root(api_base)}/api/v{discord.http.INTERNAL_API_VERSION}"
     if gateway_url:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+
+
+def keep_collections_short() -> None:
+    """Keeps the garbage collector's full passes rare and short, once the bot is built.
+
+    A full pass scans every object the process holds: with a thousand jobs in flight that stops the event
+    loop for about 100 ms, and by default one came every couple of seconds of a burst. What exists once the
+    bot is set up (modules, discord.py's state) stays for the process's life and is set aside from the
+    scans; and a full pass waits for ten times as many young ones as by default, while young cycles are
+    still collected as often as ever.
+    """
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
 
 
 def segmind_account(config: Config) -> str:
@@ -203,7 +225,10 @@ class DreamshaperBot(commands.AutoShardedBot):
     them after the bot (they are shared with whatever else runs in the process). It guarantees that:
     every message it sends pings nobody unless the code says whom; its result buttons answer on any
     message they were ever posted on, whichever cog is loaded; commands are synced only when they
-    changed, by one process; and `close` is safe to call from several places at once: the first caller
+    changed, by one process; a watchdog logs every time its event loop was blocked longer than
+    `LOOP_STALL_WARNING_MS`, from `setup_hook` to `close`, and the garbage collector's full passes are
+    kept rare and short (`keep_collections_short`); a burst of commands shares a bounded set of
+    connections to Discord; and `close` is safe to call from several places at once: the first caller
     does the work and every caller waits for it, so the store can be closed once `close` returns.
     """
 
@@ -225,6 +250,7 @@ class DreamshaperBot(commands.AutoShardedBot):
             # None lets Discord recommend a count; several processes must agree on SHARD_COUNT.
             shard_count=config.shard_count,
             shard_ids=list(config.shard_ids) if config.shard_ids is not None else None,
+            connector=aiohttp.TCPConnector(limit=DISCORD_CONNECTIONS),
         )
         self.config = config
         self.http_session = http_session
@@ -238,10 +264,13 @@ class DreamshaperBot(commands.AutoShardedBot):
             model=config.segmind_model,
             # Shards on one API key spend one budget together, through the store they share.
             budget=RequestBudget(
-                config.segmind_requests_per_minute, shared=store.shared_request_window(segmind_account(config))
+                config.segmind_requests_per_minute,
+                window=PLAN_WINDOW_SECONDS,
+                shared=store.shared_request_window(segmind_account(config)),
             ),
             deadline=config.segmind_job_deadline_seconds,
             max_poll_interval=config.segmind_max_poll_seconds,
+            poll_interval=config.segmind_poll_seconds,
         )
         self.quota = QuotaGuard(
             store,
@@ -258,6 +287,7 @@ class DreamshaperBot(commands.AutoShardedBot):
             lease_seconds=config.job_lease_seconds,
         )
         self.runner = JobRunner(self)
+        self.watchdog = LoopWatchdog(config.loop_stall_warning_ms)
         self.accepting_jobs = True
         self._shutdown: asyncio.Task[None] | None = None
 
@@ -267,11 +297,13 @@ class DreamshaperBot(commands.AutoShardedBot):
         return cast(DreamshaperTree, super().tree)
 
     async def setup_hook(self) -> None:
+        self.watchdog.start()
         # The runner first: it is removed first at close, so jobs stop before anything they use.
         await self.add_cog(self.runner)
         await self.add_cog(Imagine(self))
         self.add_dynamic_items(*JOB_BUTTONS)
         await self._sync_commands()
+        keep_collections_short()
 
     async def _sync_commands(self) -> None:
         if not self.config.discord_guild_ids:
@@ -297,5 +329,8 @@ class DreamshaperBot(commands.AutoShardedBot):
         await asyncio.shield(self._shutdown)
 
     async def _close_discord(self) -> None:
-        await super().close()
+        try:
+            await super().close()
+        finally:
+            await self.watchdog.stop()
         log.info("closed")

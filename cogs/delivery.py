@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,13 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EDIT_INTERVAL = 1.5
 PROGRESS_TICK_SECONDS = 5.0
+# Edits that change no state (the seconds, the estimate, the place in line) the whole process may make per
+# second, shared by every job's progress line: a few jobs tick freely, a thousand share them, so each job
+# costs a bounded few edits.
+PROGRESS_TICKS_PER_SECOND = 20.0
+# A loop turn longer than this means the loop is busy: the next job waits before it begins (StartLine).
+BUSY_TURN_SECONDS = 0.002
+MAX_START_HOLD_SECONDS = 0.05
 # How long the result waits for a progress edit already sent; discord.py's own retries fit well within it.
 EDIT_LANDING_SECONDS = 10.0
 # Discord invalidates interaction tokens after 15 minutes; stop using one a little before that.
@@ -53,21 +61,65 @@ SERVER_ERROR_ATTEMPTS = 3
 MAX_DISCORD_RETRY_AFTER = 60.0
 
 
+class TickAllowance:
+    """The process's allowance of progress edits that change no state: `per_second`, up to one second's
+    worth saved up.
+
+    A progress line changes state when the job moves on (waiting for a turn, rate limited, queued,
+    generating); everything else it shows (the seconds so far, the estimate, the place in line) only
+    ticks. State changes never ask for the allowance, so they always go first; ticks take what is left,
+    and one that finds none is skipped.
+    """
+
+    def __init__(self, per_second: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if per_second <= 0:
+            raise ValueError(f"per_second must be > 0, got {per_second}")
+        self.per_second = per_second
+        self._clock = clock
+        self._tokens = per_second
+        self._updated = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.per_second, self._tokens + (now - self._updated) * self.per_second)
+        self._updated = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+def _state_of(progress: Progress) -> tuple[object, ...]:
+    # What makes a change worth an edit whatever the load. The seconds, the estimate and the place in line
+    # only tick: with a thousand jobs in line every place moves at every turn, and each move would cost
+    # every waiting member's message an edit.
+    return (progress.kind, progress.retry_at)
+
+
 class ProgressMessage:
     """Coalesces progress into at most one edit per interval, however fast events arrive.
 
-    A change is shown within one interval of its arrival, and between Segmind status checks (which grow
-    sparse on long jobs) the elapsed seconds keep moving, so the member can see the job is alive. The
-    result is not progress: `finish` hands the message over at once, without waiting out the interval.
+    A change of state is shown within one interval of its arrival, and between Segmind status checks
+    (which grow sparse on long jobs) the elapsed seconds keep moving, so the member can see the job is
+    alive. Those ticks (an edit that changes no state) draw on `ticks`, the process's `TickAllowance`
+    when one is given: under a burst of jobs a tick may be skipped, a state change never is. The result
+    is not progress: `finish` hands the message over at once, without waiting out the interval.
     """
 
     def __init__(
-        self, edit: Callable[[str], Awaitable[Any]], interval: float = PROGRESS_EDIT_INTERVAL
+        self,
+        edit: Callable[[str], Awaitable[Any]],
+        interval: float = PROGRESS_EDIT_INTERVAL,
+        *,
+        ticks: TickAllowance | None = None,
     ) -> None:
         self._edit = edit
         self._interval = interval
+        self._ticks = ticks
         self._pending: str | None = None
+        self._pending_state: tuple[object, ...] | None = None
         self._shown: str | None = None
+        self._shown_state: tuple[object, ...] | None = None
         self._last_edit = float("-inf")
         self._progress: Progress | None = None
         self._progress_at = 0.0
@@ -81,6 +133,7 @@ class ProgressMessage:
             return
         self._progress, self._progress_at = progress, time.monotonic()
         self._pending = render.progress_text(progress)
+        self._pending_state = _state_of(progress)
         self._changed.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush())
@@ -104,16 +157,20 @@ class ProgressMessage:
                 if self._pending is None and self._progress is not None and self._ticking():
                     moved = self._progress.elapsed + time.monotonic() - self._progress_at
                     self._pending = render.progress_text(replace(self._progress, elapsed=moved))
+                    self._pending_state = _state_of(self._progress)
                 continue
             await asyncio.sleep(max(0.0, self._last_edit + self._interval - time.monotonic()))
             text, self._pending = self._pending, None
+            state = self._pending_state
             if self._closed or text is None or text == self._shown:
                 continue
+            if state == self._shown_state and self._ticks is not None and not self._ticks.take():
+                continue  # only a tick, and the process has none to spare: the next one may find some
             self._last_edit = time.monotonic()
             self._editing = True
             try:
                 await self._edit(text)
-                self._shown = text
+                self._shown, self._shown_state = text, state
             except TokenExpired:
                 self._closed = True  # nothing more can be shown; the result will be posted elsewhere
             except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as error:
@@ -182,6 +239,42 @@ class TokenExpired(Exception):
     pass
 
 
+class StartLine:
+    """Lets jobs begin one at a time, in the order they were started, at the pace the event loop allows.
+
+    Beginning a job costs a few store writes and the submit to Segmind; a thousand begun at once would
+    hold every command arriving meanwhile (and its acknowledgement, due within 3 s) behind them. Between
+    two beginnings the line lets the loop turn once, and when that turn was long (the loop is busy, with
+    a burst of commands most of all) it waits as long again before the next: on an idle loop jobs begin
+    at once, under a burst the commands go first. Jobs begin whatever the load, only more slowly.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._opener: asyncio.Task[None] | None = None
+
+    async def turn(self) -> None:
+        """Returns when it is this caller's turn to begin."""
+        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(ticket)
+        if self._opener is None or self._opener.done():
+            self._opener = asyncio.create_task(self._open(), name="job-start-line")
+        await ticket
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            ticket = self._waiting.popleft()
+            if ticket.done():  # its job was cancelled while it waited
+                continue
+            ticket.set_result(None)
+            began = loop.time()
+            await asyncio.sleep(0)
+            turn = loop.time() - began
+            if turn > BUSY_TURN_SECONDS:
+                await asyncio.sleep(min(turn, MAX_START_HOLD_SECONDS))
+
+
 class JobRunner(commands.Cog):
     """Owns every running job of this process: fresh ones, and unfinished ones found in the store.
 
@@ -190,7 +283,9 @@ class JobRunner(commands.Cog):
     `cog_unload`, resumes jobs no live process holds (after a crash or a restart) and closes those past
     Segmind's retention; a failed sweep is logged and the next one comes on time. Delivery and the
     record of it go together, so a resumed job is posted once. At `cog_unload` running jobs are cancelled
-    once their state is written, for the next start to resume.
+    once their state is written, for the next start to resume. Under a burst the commands go first: jobs
+    begin through a `StartLine`, and their progress lines share one `TickAllowance`, so each job's
+    progress costs a bounded few edits however many run.
     """
 
     def __init__(self, bot: DreamshaperBot) -> None:
@@ -198,6 +293,8 @@ class JobRunner(commands.Cog):
         self._running: dict[str, asyncio.Task[None]] = {}
         self._credits_reported_until = 0.0
         self._last_sweep_ended = -math.inf
+        self.progress_ticks = TickAllowance(PROGRESS_TICKS_PER_SECOND)
+        self._start_line = StartLine()
 
     async def cog_load(self) -> None:
         self.sweeper.change_interval(seconds=self.bot.jobs.lease_seconds)
@@ -283,6 +380,8 @@ class JobRunner(commands.Cog):
     # -- one job --
 
     async def execute(self, job: JobRecord) -> None:
+        # The job is in the store, and stays there whatever happens while it waits its turn.
+        await self._start_line.turn()
         try:
             async with self.bot.jobs.lease(job.id) as lease:
                 current = await self.bot.store.get_job(job.id) if lease else None
@@ -298,7 +397,7 @@ class JobRunner(commands.Cog):
         if job.state is JobState.COMPLETED and await self._posted_before(job):
             return
         message = JobMessage(self.bot, job)
-        progress = ProgressMessage(message.show)
+        progress = ProgressMessage(message.show, ticks=self.progress_ticks)
         try:
             generated = await self.bot.jobs.resume(job, progress.update)
         except JobError as error:

@@ -1,5 +1,8 @@
 """Taking a job in: the checks, the quota reservation and the saved record, all within Discord's 3 s.
 
+The reservation and the record are one step of the store, and the credits flag is read from memory most
+of the time, so a command waits on the store once before it is acknowledged.
+
 /imagine and the Reroll and Same seed buttons start jobs the same way; once its record is saved, a job
 belongs to the job runner, in this process or whichever one resumes it.
 """
@@ -16,7 +19,7 @@ import discord
 from cogs import render
 from cogs.answers import before_answering, send_ephemeral
 from services.request import GenerationRequest
-from services.store.base import JobRecord, JobState, QuotaRefusal, new_job_id
+from services.store.base import JobRecord, JobState, QuotaRefusal, new_job_id, new_reservation_id
 from services.store.guarded import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -24,8 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The event loop holds tasks only weakly; these refunds must not be collected before they run.
-_refunds: set[asyncio.Task[None]] = set()
+# The event loop holds tasks only weakly; these withdrawals must not be collected before they run.
+_withdrawals: set[asyncio.Task[None]] = set()
 
 
 async def start_job(
@@ -59,12 +62,10 @@ async def _record_job(
 ) -> JobRecord | str:
     """The saved job, or the refusal to show the member."""
     bot = interaction.client
+    # Read from the store at most once a second, however many commands arrive (the store's flag cache).
     if await bot.jobs.credits_exhausted_until():
         return render.credits_exhausted_reply()
     user = interaction.user
-    reservation = await bot.quota.reserve(user.id, request.samples, member_role_ids(user))
-    if isinstance(reservation, QuotaRefusal):
-        return render.quota_refusal_reply(reservation, request.samples)
     now = time.time()
     job = JobRecord(
         id=new_job_id(),
@@ -72,7 +73,7 @@ async def _record_job(
         guild_id=interaction.guild_id,
         channel_id=interaction.channel_id,
         request=request.to_payload(),
-        reservation_id=reservation.id,
+        reservation_id=new_reservation_id(user.id),
         state=JobState.PENDING,
         created_at=now,
         updated_at=now,
@@ -84,25 +85,34 @@ async def _record_job(
         upload_limit=interaction.filesize_limit,
         requester_name=user.display_name,
     )
-    # Saved before Discord shows "thinking…": from this record on, the job and its reservation belong
-    # to whichever process runs it, even if this one dies a millisecond later.
+    # Reserved and saved in one step, before Discord shows "thinking…": from this record on, the job and
+    # its reservation belong to whichever process runs it, even if this one dies a millisecond later.
     try:
-        await bot.store.save_job(job)
+        outcome = await bot.quota.reserve_job(job, request.samples, member_role_ids(user))
     except BaseException:
-        # Given back in the background so the member's answer is not held up by the store that just
-        # failed; if that fails too, the sweep refunds reservations no saved job owns.
-        refund = asyncio.create_task(_refund_quietly(bot, reservation.id))
-        _refunds.add(refund)
-        refund.add_done_callback(_refunds.discard)
+        # The step may still land after its caller gave up: it is undone in the background, so the
+        # member's answer is not held up by the store that just failed.
+        withdrawal = asyncio.create_task(_withdraw(bot, job))
+        _withdrawals.add(withdrawal)
+        withdrawal.add_done_callback(_withdrawals.discard)
         raise
-    return job
+    if isinstance(outcome, QuotaRefusal):
+        return render.quota_refusal_reply(outcome, request.samples)
+    return outcome
 
 
-async def _refund_quietly(bot: DreamshaperBot, reservation_id: str) -> None:
+async def _withdraw(bot: DreamshaperBot, job: JobRecord) -> None:
+    """Undoes a job the member was told was not started, whether or not its record reached the store."""
     try:
-        await bot.quota.refund(reservation_id)
+        await bot.quota.refund(job.reservation_id or "")
+        saved = await bot.store.get_job(job.id)
+        if saved is not None and not saved.finished:
+            await bot.jobs.record(
+                saved, state=JobState.FAILED, error="not recorded in time; nothing was started"
+            )
     except StoreUnavailable as error:
-        log.warning("reservation %s: not refunded yet (%s); the sweep will", reservation_id, error)
+        # A reservation no saved job owns is refunded by the sweep; a saved job is resumed by it.
+        log.warning("job %s: not withdrawn yet (%s); the sweep will see to it", job.id, error)
 
 
 def member_role_ids(user: discord.abc.User) -> list[int]:

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 EMBED_DESCRIPTION_LIMIT = 4096
 EMBED_FIELD_LIMIT = 1024
 MESSAGE_LIMIT = 2000
+# Estimates shown to members move in steps of this many seconds.
+ETA_ROUNDING = 5
 
 # The API's parameter names, as the /imagine options call them.
 OPTION_NAMES = {
@@ -68,13 +70,28 @@ def try_again_at(epoch: float) -> str:
 
 def progress_text(progress: Progress) -> str:
     if progress.kind is ProgressKind.WAITING_FOR_SLOT:
-        return f"⏳ Waiting for a free slot: position {progress.position} in line."
+        line = f"⏳ Waiting for a turn at Segmind: {ordinal(progress.position or 1)} in line."
+        return line + ready_by(progress.ready_at)
     if progress.kind is ProgressKind.RATE_LIMITED:
         when = relative_time(progress.retry_at) if progress.retry_at else "shortly"
         return f"⏳ Segmind is busy; waiting for a slot (next try {when})."
     if progress.kind is ProgressKind.QUEUED:
-        return f"📨 Queued at Segmind… ({progress.elapsed:.0f} s)"
-    return f"🎨 Generating… {progress.elapsed:.0f} s"
+        return f"📨 Queued at Segmind… ({progress.elapsed:.0f} s){ready_by(progress.ready_at)}"
+    return f"🎨 Generating… {progress.elapsed:.0f} s{ready_by(progress.ready_at)}"
+
+
+def ready_by(epoch: float | None) -> str:
+    """The estimate as a timestamp the member's client counts down itself, so it needs no edits; rounded
+    so that small changes in the estimate do not cost one either."""
+    if epoch is None:
+        return ""
+    rounded = math.ceil(epoch / ETA_ROUNDING) * ETA_ROUNDING
+    return f" Ready {relative_time(rounded)} (estimate)."
+
+
+def ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
 
 
 def add_request_fields(embed: discord.Embed, request: GenerationRequest) -> None:

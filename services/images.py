@@ -5,6 +5,13 @@ exceeds the interaction's `attachment_size_limit`. The bot must never see a
 413, so images that don't fit are re-encoded (and if needed downscaled) until
 the whole batch does. The caller downloads the bytes; this module only uses
 Pillow, and `prepare_for_upload` keeps that CPU work off the event loop.
+
+Each output is decoded once. `check_image` reads every byte of the picture
+(a JPEG at libjpeg's 1/8 scale, which still decodes the whole entropy-coded
+stream, so a truncated one fails there as it would at full size, for a third
+of the CPU) and marks the `ImageBytes` it accepted; `fit_for_upload` trusts
+that mark and decodes only what it must re-encode, or what was never checked,
+so a truncated image never reaches Discord either way.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import re
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from PIL import Image, ImageOps
 
@@ -82,6 +90,23 @@ class ImageDecodeError(Exception):
         super().__init__(f"image output {index} could not be decoded: {self.reason}")
 
 
+class ImageInfo(NamedTuple):
+    width: int
+    height: int
+    format: str
+
+
+class ImageBytes(bytes):
+    """The bytes of one output, as downloaded or decoded from base64, remembering `check_image`'s verdict.
+
+    `check_image` sets `checked` once it has decoded the picture; bytes cannot change, so the verdict stays
+    true for this object, and `fit_for_upload` skips a second decode of it. Plain `bytes` work everywhere
+    too; they are simply decoded wherever they are checked.
+    """
+
+    checked: ImageInfo | None = None
+
+
 @dataclass(frozen=True)
 class PreparedImage:
     filename: str
@@ -109,13 +134,21 @@ def decode_base64_image(value: str, index: int = 0) -> bytes:
         raise ImageDecodeError(index, f"invalid base64 ({exc})") from None
     if not data:
         raise ImageDecodeError(index, "empty base64 payload")
-    return data
+    return ImageBytes(data)
 
 
-def check_image(data: bytes, index: int = 0) -> tuple[int, int, str]:
-    """Fully decode `data` and return `(width, height, format)`."""
-    image = _load_image(data, index)
-    return image.width, image.height, _format_of(image)
+def check_image(data: bytes, index: int = 0) -> ImageInfo:
+    """Decode every byte of `data` and return `(width, height, format)` (the picture's full size).
+
+    The pixels are not kept, so a JPEG is decoded at 1/8 scale: every coefficient is still read, which is
+    what finds a truncated file. `ImageBytes` remember the verdict (see `fit_for_upload`).
+    """
+    if isinstance(data, ImageBytes) and data.checked is not None:
+        return data.checked
+    info = _verify(data, index)
+    if isinstance(data, ImageBytes):
+        data.checked = info
+    return info
 
 
 def fit_for_upload(
@@ -124,29 +157,43 @@ def fit_for_upload(
     """Return files whose total size fits one Discord upload of `limit_bytes`.
 
     Originals are kept byte-for-byte when they already fit; otherwise every
-    image becomes a JPEG, lowering quality first and resolution second.
+    image becomes a JPEG, lowering quality first and resolution second. Every
+    image is decoded here (an `ImageDecodeError` naming the first bad one)
+    unless `check_image` already accepted that very `ImageBytes`, in which case
+    only re-encoding decodes it again, at full size for its pixels.
     """
     batch = _as_batch(images, max_files)
     budget = _budget(limit_bytes)
-    decoded = [_load_image(data, index) for index, data in enumerate(batch)]
     safe_stem = _safe_stem(stem)
     if sum(len(data) for data in batch) <= budget:
+        infos = [check_image(data, index) for index, data in enumerate(batch)]
         return [
-            _prepared(safe_stem, index, data, _format_of(image), image.size)
-            for index, (data, image) in enumerate(zip(batch, decoded, strict=True))
+            _prepared(safe_stem, index, data, info.format, (info.width, info.height))
+            for index, (data, info) in enumerate(zip(batch, infos, strict=True))
         ]
+    decoded = [_load_image(data, index) for index, data in enumerate(batch)]
     return _reencode_to_fit(decoded, budget, limit_bytes, safe_stem)
 
 
 async def prepare_for_upload(
     images: Sequence[bytes], *, limit_bytes: int, stem: str, max_files: int = MAX_FILES_PER_MESSAGE
 ) -> list[PreparedImage]:
-    """`fit_for_upload` on a worker thread: decoding and encoding take seconds."""
+    """`fit_for_upload` on a worker thread: decoding and encoding take seconds.
+
+    Images `check_image` accepted that fit as they are need neither, so they are prepared at once, without
+    the thread (whose hand-over costs a loaded event loop more than the work itself).
+    """
     # Snapshot the batch so a caller mutating its list can't race the worker.
     batch = _as_batch(images, max_files)
+    if _all_checked(batch) and sum(len(data) for data in batch) <= _budget(limit_bytes):
+        return fit_for_upload(batch, limit_bytes=limit_bytes, stem=stem, max_files=max_files)
     return await asyncio.to_thread(
         fit_for_upload, batch, limit_bytes=limit_bytes, stem=stem, max_files=max_files
     )
+
+
+def _all_checked(batch: Sequence[bytes]) -> bool:
+    return all(isinstance(data, ImageBytes) and data.checked is not None for data in batch)
 
 
 def _as_batch(images: Sequence[bytes], max_files: int) -> tuple[bytes, ...]:
@@ -155,7 +202,8 @@ def _as_batch(images: Sequence[bytes], max_files: int) -> tuple[bytes, ...]:
         raise TypeError("images must be a sequence of byte strings, not a single one")
     if max_files < 1:
         raise ValueError(f"max_files must be at least 1, got {max_files}")
-    batch = tuple(bytes(data) for data in images)
+    # Bytes cannot change under us; anything else is copied, and an `ImageBytes` keeps its verdict.
+    batch = tuple(data if isinstance(data, bytes) else bytes(data) for data in images)
     if not batch:
         raise ValueError("no images to upload")
     if len(batch) > max_files:
@@ -173,7 +221,22 @@ def _budget(limit_bytes: int) -> int:
     return budget
 
 
+def _verify(data: bytes, index: int) -> ImageInfo:
+    image = _open(data, index)
+    info = ImageInfo(image.width, image.height, _format_of(image))
+    # Only a JPEG can be decoded at a reduced scale; draft() leaves other formats as they are.
+    image.draft(image.mode, (1, 1))
+    _decode(image, index)
+    return info
+
+
 def _load_image(data: bytes, index: int) -> Image.Image:
+    image = _open(data, index)
+    _decode(image, index)
+    return image
+
+
+def _open(data: bytes, index: int) -> Image.Image:
     if not data:
         raise ImageDecodeError(index, "empty data")
     try:
@@ -185,12 +248,15 @@ def _load_image(data: bytes, index: int) -> Image.Image:
     # open() has only parsed the header: refuse bombs before load() allocates pixels.
     if image.width * image.height > MAX_PIXELS:
         raise ImageDecodeError(index, f"{image.width}x{image.height} exceeds {MAX_PIXELS} pixels")
+    return image
+
+
+def _decode(image: Image.Image, index: int) -> None:
     try:
         # load(), unlike verify(), decodes every pixel, so truncation shows up here.
         image.load()
     except _PILLOW_DECODE_ERRORS as exc:
         raise ImageDecodeError(index, _describe(exc)) from exc
-    return image
 
 
 def _describe(exc: BaseException) -> str:

@@ -69,6 +69,7 @@ class Progress:
     position: int | None = None
     retry_at: float | None = None  # epoch seconds
     request_id: str | None = None
+    ready_at: float | None = None  # epoch seconds when the images are likely ready, when there is an estimate
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -433,12 +434,17 @@ class JobService:
             )
             on_its_way = True
 
-        def waiting_for_slot(position: int, _seconds: float) -> None:
-            on_progress(Progress(ProgressKind.WAITING_FOR_SLOT, position=position))
+        def waiting_for_slot(position: int, seconds: float) -> None:
+            ready_at = self._clock() + seconds + self.client.expected_duration(request)
+            on_progress(Progress(ProgressKind.WAITING_FOR_SLOT, position=position, ready_at=ready_at))
 
         async def submit_and_record() -> tuple[JobRecord, SubmittedJob]:
             submitted = await self.client.submit(
-                request, on_budget_wait=waiting_for_slot, before_send=record_submitting, max_wait=max_wait
+                request,
+                on_budget_wait=waiting_for_slot,
+                before_send=record_submitting,
+                max_wait=max_wait,
+                asker=job.user_id,
             )
             # Segmind accepted it and bills it: the request id must not be lost to a store hiccup.
             recorded = await self.record_durably(
@@ -462,13 +468,24 @@ class JobService:
         async for event in self.client.wait(submitted):
             if event.result is not None:
                 return event.result
+            ready_at = None if event.expected_in is None else self._clock() + event.expected_in
             if event.state is SegmindState.QUEUED:
-                on_progress(Progress(ProgressKind.QUEUED, elapsed=event.elapsed, request_id=event.request_id))
+                on_progress(
+                    Progress(
+                        ProgressKind.QUEUED,
+                        elapsed=event.elapsed,
+                        request_id=event.request_id,
+                        ready_at=ready_at,
+                    )
+                )
                 continue
             started_at = event.elapsed if started_at is None else started_at
             on_progress(
                 Progress(
-                    ProgressKind.GENERATING, elapsed=event.elapsed - started_at, request_id=event.request_id
+                    ProgressKind.GENERATING,
+                    elapsed=event.elapsed - started_at,
+                    request_id=event.request_id,
+                    ready_at=ready_at,
                 )
             )
         raise SegmindError("the wait ended without a result", request_id=submitted.request_id)

@@ -19,6 +19,8 @@ from urllib.parse import urljoin
 import aiohttp
 from yarl import URL
 
+from services.images import ImageBytes
+
 MAX_REDIRECTS = 5
 ALLOWED_SCHEMES = ("http", "https")
 CHUNK_BYTES = 64 * 1024
@@ -103,7 +105,7 @@ async def fetch_output(
     *,
     max_bytes: int,
     timeout: float,
-) -> bytes:
+) -> ImageBytes:
     """Downloads one output file, following at most MAX_REDIRECTS redirects, each checked by `policy`."""
     target = URL(url)
     deadline = time.monotonic() + timeout
@@ -137,7 +139,7 @@ def _host_header(url: URL) -> str:
     return f"{host}:{url.explicit_port}" if url.explicit_port else host
 
 
-async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> ImageBytes:
     too_big = OutputRefused(f"larger than {max_bytes} bytes")
     if (response.content_length or 0) > max_bytes:
         raise too_big
@@ -146,4 +148,5 @@ async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> byte
         data.extend(chunk)
         if len(data) > max_bytes:
             raise too_big
-    return bytes(data)
+    # ImageBytes, so that the check of the picture is remembered until its upload (services.images).
+    return ImageBytes(data)

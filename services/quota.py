@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from services.store.base import QuotaLimits, QuotaRefusal, QuotaUsage, Reservation, Store
+from services.store.base import JobRecord, QuotaLimits, QuotaRefusal, QuotaUsage, Reservation, Store
 
 
 class QuotaGuard:
@@ -42,9 +42,18 @@ class QuotaGuard:
     async def reserve(
         self, user_id: int, images: int, role_ids: Iterable[int] = ()
     ) -> Reservation | QuotaRefusal:
+        return await self._store.reserve(user_id, images, self._limits_for(role_ids), self._clock())
+
+    async def reserve_job(
+        self, job: JobRecord, images: int, role_ids: Iterable[int] = ()
+    ) -> JobRecord | QuotaRefusal:
+        """Reserves `images` for the job's member under `job.reservation_id` and saves the job, in one step
+        of the store: the saved job, or the refusal with nothing recorded."""
+        return await self._store.reserve_job(job, images, self._limits_for(role_ids), self._clock())
+
+    def _limits_for(self, role_ids: Iterable[int]) -> QuotaLimits:
         # Exempt members still get a recorded reservation so commit, refund and usage behave the same.
-        limits = self._exempt_limits if self.is_exempt(role_ids) else self._limits
-        return await self._store.reserve(user_id, images, limits, self._clock())
+        return self._exempt_limits if self.is_exempt(role_ids) else self._limits
 
     async def commit(self, reservation: Reservation | str) -> None:
         await self._store.commit(_reservation_id(reservation))

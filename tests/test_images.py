@@ -10,11 +10,12 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageFile
 
 from services.images import (
     MAX_PIXELS,
     MULTIPART_MARGIN_BYTES,
+    ImageBytes,
     ImageDecodeError,
     PreparedImage,
     check_image,
@@ -313,3 +314,69 @@ def test_property_corrupted_bytes_decode_or_raise_decode_error(base: bytes, data
     # Anything but ImageDecodeError escaping would crash the bot on a bad output.
     with contextlib.suppress(ImageDecodeError):
         check_image(bytes(corrupted))
+
+
+# --- decoded once: checked at download, trusted at upload ---
+
+
+class CountedDecodes:
+    """Counts full decodes (Pillow's load) while it is installed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        original = ImageFile.ImageFile.load
+
+        def load(image: ImageFile.ImageFile) -> object:
+            self.count += 1
+            return original(image)
+
+        monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+def test_a_checked_image_is_not_decoded_again_for_its_upload(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = ImageBytes(encode(noise((256, 192), seed=20), "JPEG"))
+    decodes = CountedDecodes(monkeypatch)
+    assert check_image(data) == (256, 192, "JPEG")
+    (prepared,) = fit_for_upload([data], limit_bytes=DISCORD_DEFAULT_LIMIT, stem="once")
+    assert decodes.count == 1
+    assert prepared.data == data and (prepared.width, prepared.height) == (256, 192)
+
+
+async def test_prepare_for_upload_of_checked_images_needs_no_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    images = [ImageBytes(encode(noise((64, 64), seed=seed), "PNG")) for seed in (21, 22)]
+    for index, data in enumerate(images):
+        check_image(data, index)
+    decodes = CountedDecodes(monkeypatch)
+    prepared = await prepare_for_upload(images, limit_bytes=DISCORD_DEFAULT_LIMIT, stem="p")
+    assert decodes.count == 0
+    assert [p.data for p in prepared] == images
+
+
+def test_an_unchecked_or_refused_image_is_still_decoded_and_refused_at_upload() -> None:
+    whole = encode(noise((256, 256), seed=23), "JPEG")
+    truncated = ImageBytes(whole[: len(whole) // 2])
+    with pytest.raises(ImageDecodeError):
+        check_image(truncated, 1)
+    assert truncated.checked is None  # a refusal is not remembered as a pass
+    with pytest.raises(ImageDecodeError) as caught:
+        fit_for_upload([ImageBytes(whole), truncated], limit_bytes=DISCORD_DEFAULT_LIMIT, stem="s")
+    assert caught.value.index == 1
+
+
+@pytest.mark.parametrize("cut", [2, 100, 5_000, 20_000])
+def test_check_image_finds_a_truncated_jpeg_however_little_is_missing(cut: int) -> None:
+    # check_image decodes a JPEG at 1/8 scale; it must still read to the end of the stream.
+    whole = encode(noise((1024, 768), seed=24), "JPEG", quality=90)
+    assert check_image(whole) == (1024, 768, "JPEG")
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        check_image(whole[:-cut], 3)
+
+
+def test_a_re_encode_decodes_checked_images_at_full_size(big_pngs: list[bytes]) -> None:
+    images = [ImageBytes(data) for data in big_pngs[:2]]
+    for index, data in enumerate(images):
+        check_image(data, index)
+    prepared = fit_for_upload(images, limit_bytes=2 * MIB, stem="big")
+    assert total_size(prepared) <= 2 * MIB - MULTIPART_MARGIN_BYTES
+    assert all(p.content_type == "image/jpeg" for p in prepared)
+    assert_decodes_as_declared(prepared)

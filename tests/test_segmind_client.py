@@ -36,7 +36,6 @@ from services.segmind import (
     ServerError,
     SubmittedJob,
     Unauthorized,
-    next_poll_delay,
 )
 from tests.conftest import PAGE_EXAMPLE
 
@@ -291,7 +290,8 @@ async def test_the_budget_holds_over_a_window(server: SegmindServer, session: ai
     jobs = await asyncio.gather(*(client.submit(GenerationRequest(prompt=f"job {n}")) for n in range(3)))
     await asyncio.gather(*(run_to_completion(client, job) for job in jobs))
     total = len(server.stats.requests)
-    assert total >= 9  # three submits, at least one poll and one result each
+    # Three submits and at least a check each (a busy budget checks at the result URL, which brings it).
+    assert total >= 6
     # Arrival times are measured by the server: allow for a few milliseconds of loopback jitter.
     assert server.stats.max_requests_in_window(0.95) <= 4
 
@@ -401,23 +401,43 @@ async def test_every_status_code_has_its_typed_error(
         await runner.cleanup()
 
 
-def test_polling_starts_fast_spreads_while_queued_and_tightens_near_the_finish() -> None:
-    common = {"expected_queue": 2.0, "expected_inference": 20.0, "min_interval": 1.0, "max_interval": 10.0}
-    assert next_poll_delay(state=None, since_submit=0, processing_for=None, **common) < 1.0
-    queued_early = next_poll_delay(state=SegmindState.QUEUED, since_submit=1, processing_for=None, **common)
-    queued_long = next_poll_delay(state=SegmindState.QUEUED, since_submit=40, processing_for=None, **common)
-    assert queued_long >= queued_early
-    far = next_poll_delay(state=SegmindState.PROCESSING, since_submit=5, processing_for=2, **common)
-    near = next_poll_delay(state=SegmindState.PROCESSING, since_submit=20, processing_for=18, **common)
-    overdue = next_poll_delay(state=SegmindState.PROCESSING, since_submit=60, processing_for=58, **common)
-    assert far > near == 1.0
-    assert 1.0 < overdue <= 10.0
+async def busy_client(session: aiohttp.ClientSession, base_url: str) -> SegmindClient:
+    """A client whose budget's window is already more than half spent by other requests."""
+    budget = RequestBudget(per_minute=40, window=6.0)
+    for _ in range(28):
+        await budget.acquire()
+    return make_client(session, base_url, budget=budget)
 
 
-def test_the_duration_model_learns_from_metrics() -> None:
-    model = DurationModel(seconds_per_unit=1.0, queue_seconds=10.0, smoothing=0.5)
-    request = GenerationRequest(prompt="x", num_inference_steps=50, img_width=1000, img_height=1000)
-    for _ in range(10):
-        model.learn(request, {"inference_time": 5.0, "queue_time": 1.0})
-    assert model.expected_inference(request) == pytest.approx(5.0, rel=0.01)
-    assert model.queue_seconds == pytest.approx(1.0, abs=0.05)
+async def test_a_busy_budget_checks_a_likely_finished_job_at_its_result_url_and_saves_a_request(
+    server: SegmindServer, session: aiohttp.ClientSession
+) -> None:
+    client = await busy_client(session, server.base_url)
+    job = await client.submit(GenerationRequest(prompt="one request less", img_width=512, img_height=512))
+    events = await run_to_completion(client, job)
+
+    assert events[-1].result is not None and events[-1].result.outputs
+    mine = [r for r in server.stats.requests_to("status", "result") if job.request_id in r.path]
+    assert mine and all(r.target == "result" for r in mine)
+    assert client.early_results
+
+
+async def test_a_result_url_that_does_not_answer_early_sends_the_client_back_to_status_checks(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = SegmindServer(
+        SegmindServerSettings(queue_seconds=0.5, seconds_per_step=0.05, early_result="not_found")
+    )
+    await server.start()
+    try:
+        client = await busy_client(session, server.base_url)
+        client.durations = DurationModel(seconds_per_unit=0.0001, queue_seconds=0.01)  # expects it done at once
+        job = await client.submit(GenerationRequest(prompt="not yet", img_width=512, img_height=512))
+        events = await run_to_completion(client, job)
+    finally:
+        await server.stop()
+
+    assert events[-1].result is not None
+    assert not client.early_results
+    assert "checking status only" in caplog.text
+    assert server.stats.status_polls_by_id[job.request_id] >= 1

@@ -73,7 +73,8 @@ async def test_a_job_started_on_one_process_is_resumed_by_the_other_and_delivere
     uploads = [r for r in discord.requests if r.files]
     assert len(uploads) == 1
     assert len(bot_processes.segmind.stats.submits) == 1
-    assert second_log_mentions(bot_processes, "resumed")
+    logs = "\n".join(f"--- {p.name}:\n{p.log()[-3000:]}" for p in bot_processes.started)
+    assert second_log_mentions(bot_processes, "resumed"), logs
 
 
 def second_log_mentions(processes: BotLauncher, text: str) -> bool:

@@ -7,14 +7,6 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-POLLING_HEADERS = (
-    "job",
-    "poller",
-    "jobs",
-    "Segmind requests per job, median (max)",
-    "completion noticed after, median (max)",
-)
-ACK_HEADERS = ("store", "how the commands were sent", "commands", "median", "p95", "max")
 FIT_HEADERS = (
     "input (4 × 2048×2048)",
     "upload limit",

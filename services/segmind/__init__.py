@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from services.segmind.budget import RequestBudget, SharedWindow, parse_reset_at
+from services.segmind.budget import PLAN_WINDOW_SECONDS, Priority, RequestBudget, SharedWindow, parse_reset_at
 from services.segmind.client import JobEvent, JobResult, SegmindClient, SubmittedJob
 from services.segmind.errors import (
     BadRequest,
@@ -23,13 +23,15 @@ from services.segmind.errors import (
     Unauthorized,
     UnexpectedResponse,
 )
-from services.segmind.schedule import DurationModel, SegmindState, next_poll_delay
+from services.segmind.schedule import DurationModel, FixedPollSchedule, PollSchedule, SegmindState, poll_delay
 from services.segmind.transport import RetryPolicy, same_origin
 
 __all__ = [
+    "PLAN_WINDOW_SECONDS",
     "BadRequest",
     "BudgetExhausted",
     "DurationModel",
+    "FixedPollSchedule",
     "Forbidden",
     "InsufficientCredits",
     "JobEvent",
@@ -38,6 +40,8 @@ __all__ = [
     "JobTimeout",
     "NotAcceptable",
     "NotFound",
+    "PollSchedule",
+    "Priority",
     "RateLimited",
     "RequestBudget",
     "RetryPolicy",
@@ -50,7 +54,7 @@ __all__ = [
     "SubmittedJob",
     "Unauthorized",
     "UnexpectedResponse",
-    "next_poll_delay",
     "parse_reset_at",
+    "poll_delay",
     "same_origin",
 ]

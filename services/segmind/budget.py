@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime, timedelta
+from enum import IntEnum
 from typing import Protocol
 
 from services.segmind.errors import BudgetExhausted
@@ -19,10 +22,23 @@ log = logging.getLogger(__name__)
 RESET_HEADER = "x-rate-limit-reset-at-utc"
 MAX_RESET_AHEAD = 3600.0  # Segmind's limits are per minute: a reset further ahead than this is not real
 DEFAULT_MAX_PAUSE = 120.0
+# Segmind counts requests per minute as they arrive; two sent exactly a minute apart can arrive closer
+# together when the first one was slower on the way, so the bot keeps a second of room.
+PLAN_WINDOW_SECONDS = 61.0
 # A shared window that keeps failing would otherwise put one warning in the log per request.
 SHARED_WARNING_INTERVAL = 60.0
+# How often a submit held back for room looks again (room is made by jobs finishing, not by the clock).
+ROOM_RECHECK_SECONDS = 1.0
 # After the shared window failed, how long requests go by the local window alone before it is tried again.
 SHARED_RETRY_SECONDS = 15.0
+
+
+class Priority(IntEnum):
+    """Who goes first when requests wait for the budget: work already at Segmind before new work."""
+
+    RESULT = 0  # a finished job's images, waiting to be fetched: the cheapest image there is
+    STATUS = 1  # a job Segmind is running (and billing) is checked before another is sent
+    SUBMIT = 2
 
 
 class SharedWindow(Protocol):
@@ -42,10 +58,15 @@ class SharedWindow(Protocol):
 
 
 class RequestBudget:
-    """At most `per_minute` requests in any sliding 60 s window, granted first come, first served.
+    """At most `per_minute` requests in any sliding 60 s window, granted in order of `Priority`.
 
     Shared by every call so that polling many jobs can never exceed the plan's limit, and paused as a whole
-    when Segmind answers 429, for at most `max_pause` seconds per 429.
+    when Segmind answers 429, for at most `max_pause` seconds per 429. Waiting requests go by priority
+    (results, then status checks, then submits), and submits take turns by who asked: a member's second
+    waiting submit goes after everyone's first, so one member's burst cannot hold a whole server back.
+    Within that, first come, first served. A submit also leaves room in the window for the requests that
+    jobs already at Segmind will still need (`follow_ups`), so a burst of new work never crowds out the
+    checks and results of the work that is paid for.
 
     With a `shared` window, the limit and the pauses hold for every process on that window together: the
     caller at the head of this process's line, once the local window lets it go, takes its slot from the
@@ -71,15 +92,20 @@ class RequestBudget:
         self.max_pause = max_pause
         self._clock = clock
         self._sent: deque[float] = deque()
-        self._line: deque[object] = deque()
+        # Sorted by (priority, the asker's turn, arrival); the ticket is the last element.
+        self._line: list[_LineEntry] = []
+        self._arrivals = itertools.count()
         self._changed = asyncio.Condition()
         self._paused_until = 0.0
         self.shared = shared
         # When the shared window last said it is full until: every caller in line waits at least that long.
         self._shared_until = 0.0
+        self._shared_full_at = -math.inf
         self._warned_at = -math.inf
         self._shared_skip_until = -math.inf
         self._pause_tasks: set[asyncio.Task[None]] = set()
+        # The requests that jobs already at Segmind will still need (set by the client that knows them).
+        self.follow_ups: Callable[[], int] = lambda: 0
 
     @property
     def waiting(self) -> int:
@@ -88,6 +114,16 @@ class RequestBudget:
     @property
     def min_spacing(self) -> float:
         return self.window / self.per_minute
+
+    def utilisation(self) -> float:
+        """The share of the window's requests already spent or asked for (above 1: more wanted than fit).
+
+        With a shared window, this process sees only its own share of it: a shared window found full
+        within the last window counts as full."""
+        now = self._clock()
+        self._forget_old(now)
+        local = (len(self._sent) + len(self._line)) / self.per_minute
+        return max(local, 1.0) if now - self._shared_full_at < self.window else local
 
     def pause_for(self, seconds: float) -> None:
         # `not > 0` also rejects NaN; the cap keeps one 429 with a far reset from stalling every job.
@@ -115,45 +151,56 @@ class RequestBudget:
             self._warn("the pause was not shared with the other processes", error)
 
     async def acquire(
-        self, on_wait: Callable[[int, float], None] | None = None, *, max_wait: float | None = None
+        self,
+        on_wait: Callable[[int, float], None] | None = None,
+        *,
+        max_wait: float | None = None,
+        priority: Priority = Priority.STATUS,
+        asker: Hashable | None = None,
     ) -> None:
         """Waits for a slot. `on_wait(position, seconds)` is told where this caller stands while it waits.
 
-        With `max_wait`, gives up (BudgetExhausted, carrying when a slot is expected) as soon as it is clear
-        that no slot can be granted within that many seconds, and at the latest when they have passed.
+        `asker` (e.g. a member) takes turns with the other askers of the same priority. With `max_wait`,
+        gives up (BudgetExhausted, carrying when a slot is expected) as soon as it is clear that no slot can
+        be granted within that many seconds, and at the latest when they have passed.
         """
         give_up_at = None if max_wait is None else self._clock() + max(0.0, max_wait)
         ticket = object()
-        self._line.append(ticket)
+        turn = 0 if asker is None else sum(1 for entry in self._line if entry[2] == hash(asker))
+        entry = (int(priority), turn, hash(asker) if asker is not None else -1, next(self._arrivals), ticket)
+        bisect.insort(self._line, entry, key=_line_order)
         try:
             while True:
                 async with self._changed:
-                    position = self._line.index(ticket) + 1
-                    expected = self._expected_delay(position)
+                    position = self._line.index(entry) + 1
+                    limit = self._limit_for(priority)
+                    expected = self._expected_delay(position, limit)
                     if position == 1 and expected <= 0 and not self._sharing():
-                        self._grant(ticket)
+                        self._grant(entry)
                         return
                     if position > 1 or expected > 0:
-                        await self._wait_turn(position, expected, give_up_at, on_wait)
+                        recheck = ROOM_RECHECK_SECONDS if limit < self.per_minute else None
+                        await self._wait_turn(position, expected, give_up_at, on_wait, recheck)
                         continue
                 # At the head, and this process's window allows. The shared window is asked outside the
                 # lock, so the callers behind (and those leaving) never queue behind a slow store.
-                expected = await self._take_shared(give_up_at)
+                expected = await self._take_shared(give_up_at, limit)
                 async with self._changed:
                     if expected <= 0:
-                        self._grant(ticket)
+                        self._grant(entry)
                         return
-                    await self._wait_turn(1, expected, give_up_at, on_wait)
+                    recheck = ROOM_RECHECK_SECONDS if limit < self.per_minute else None
+                    await self._wait_turn(1, expected, give_up_at, on_wait, recheck)
         finally:
-            if ticket in self._line:
-                self._line.remove(ticket)
+            if entry in self._line:
+                self._line.remove(entry)
                 async with self._changed:
                     self._changed.notify_all()
 
-    def _grant(self, ticket: object) -> None:
+    def _grant(self, entry: _LineEntry) -> None:
         """Under the lock: the slot is spent, and the next in line learns it is at the head."""
         self._sent.append(self._clock())
-        self._line.remove(ticket)
+        self._line.remove(entry)
         self._changed.notify_all()
 
     async def _wait_turn(
@@ -162,9 +209,13 @@ class RequestBudget:
         expected: float,
         give_up_at: float | None,
         on_wait: Callable[[int, float], None] | None,
+        recheck: float | None = None,
     ) -> None:
-        """Under the lock: waits until the line or the budget changes, or the head's slot comes due."""
+        """Under the lock: waits until the line or the budget changes, or the head's slot comes due (or,
+        for a head held back for room, `recheck` seconds: room is made by jobs finishing, not the clock)."""
         timeout = expected if position == 1 else None
+        if position == 1 and recheck is not None:
+            timeout = min(expected, recheck)
         if give_up_at is not None:
             remaining = give_up_at - self._clock()
             if expected > remaining:
@@ -181,14 +232,21 @@ class RequestBudget:
     def _sharing(self) -> bool:
         return self.shared is not None and self._clock() >= self._shared_skip_until
 
-    async def _take_shared(self, give_up_at: float | None) -> float:
+    def _limit_for(self, priority: Priority) -> int:
+        """How full the window may be for this request: a submit leaves room for the requests that the
+        jobs already sent will still need, so their checks and results are never crowded out."""
+        if priority is Priority.SUBMIT:
+            return self.per_minute - max(0, self.follow_ups())
+        return self.per_minute
+
+    async def _take_shared(self, give_up_at: float | None, limit: int) -> float:
         """0 when the shared window (if any) granted a slot, or the seconds it says to wait."""
         if self.shared is None or not self._sharing():
             return 0.0
         bound = None if give_up_at is None else max(0.0, give_up_at - self._clock())
         try:
             async with asyncio.timeout(bound):
-                wait = float(await self.shared.take(self.per_minute, self.window))
+                wait = float(await self.shared.take(max(1, limit), self.window))
         except Exception as error:
             # Jobs must not stall on an outage of the store: requests go by the local window alone for a
             # while, so an outage costs one timeout, not one per request.
@@ -199,7 +257,10 @@ class RequestBudget:
             return 0.0
         # Far more than a window or a pause can last would be a broken reply, not a reason to stall.
         wait = min(wait, self.window + self.max_pause)
-        self._shared_until = self._clock() + wait
+        self._shared_full_at = self._clock()
+        if limit >= self.per_minute:
+            # The window is full for everyone; a submit held back for room is held back alone.
+            self._shared_until = self._clock() + wait
         return wait
 
     def _warn(self, what: str, error: Exception) -> None:
@@ -213,22 +274,36 @@ class RequestBudget:
                 what,
             )
 
-    def _expected_delay(self, position: int) -> float:
+    def _expected_delay(self, position: int, limit: int) -> float:
         """Seconds until the caller at `position` in line gets its slot, if nothing else changes.
 
-        Each caller ahead takes the next slot, and its request then fills the window in turn.
+        Each caller ahead takes the next slot, and its request then fills the window in turn. The caller
+        at the head is granted once the window holds fewer than its `limit` (see `_limit_for`); a limit
+        below one waits for jobs to finish, estimated here as the whole window emptying.
         """
         now = self._clock()
-        while self._sent and self._sent[0] <= now - self.window:
-            self._sent.popleft()
+        self._forget_old(now)
         sends = list(self._sent)
         grant = now
         for _ in range(position):
+            allowed = max(1, limit) if position == 1 else self.per_minute
             grant = max(now, self._paused_until, self._shared_until)
-            if len(sends) >= self.per_minute:
-                grant = max(grant, sends[-self.per_minute] + self.window)
+            if len(sends) >= allowed:
+                grant = max(grant, sends[-allowed] + self.window)
             sends.append(grant)
         return grant - now
+
+    def _forget_old(self, now: float) -> None:
+        while self._sent and self._sent[0] <= now - self.window:
+            self._sent.popleft()
+
+
+_LineEntry = tuple[int, int, int, int, object]
+
+
+def _line_order(entry: _LineEntry) -> tuple[int, int, int]:
+    priority, turn, _asker, arrival, _ticket = entry
+    return priority, turn, arrival
 
 
 def parse_reset_at(value: str | None, now: datetime | None = None) -> datetime | None:

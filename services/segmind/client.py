@@ -11,27 +11,30 @@ import base64
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 
 from services.request import GenerationRequest
-from services.segmind.budget import RequestBudget
+from services.segmind.budget import Priority, RequestBudget
 from services.segmind.errors import (
     CONTENT_BLOCK,
     ERRORS_BY_STATUS,
+    BadRequest,
     BudgetExhausted,
     JobFailed,
     JobTimeout,
+    NotFound,
     SegmindError,
     UnexpectedResponse,
 )
 from services.segmind.schedule import (
     MIN_POLL_INTERVAL,
     DurationModel,
+    FixedPollSchedule,
     PollSchedule,
     SegmindState,
     positive_number,
@@ -46,12 +49,19 @@ from services.segmind.transport import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MiB = 1024 * 1024
 SMALL_BODY_LIMIT = 1 * MiB  # submit and status answers are a few hundred bytes
 RESULT_BODY_LIMIT = 64 * MiB  # result answers carry every image in base64 when base64=true
 V1_BODY_LIMIT = 32 * MiB  # v1 answers are one image (bytes, or JSON with base64)
 VERIFY_TIMEOUT = 5.0
+# A job at Segmind will still need about this many requests: a status check and its result (one request
+# when the check is made at the result URL).
+FOLLOW_UPS_PER_JOB = 2
+# Once the budget's window is this full, status checks give way, more the fuller it gets, so results and
+# new submits still get through.
+BUSY_BUDGET = 0.5
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,7 @@ class JobEvent:
     state: SegmindState
     elapsed: float
     result: JobResult | None = None
+    expected_in: float | None = None  # seconds from this check to the job's likely end, when known
 
 
 class SegmindClient:
@@ -108,8 +119,12 @@ class SegmindClient:
     * Retried where it is safe: status and result GETs after timeouts, drops, 5xx and malformed answers,
       with backoff and jitter. A submit is sent once (no idempotency key: a second one is billed twice);
       only a connection that never opened is tried again.
-    * Polling adapts (`PollSchedule`): the gaps follow the expected finish, learnt in `durations` from the
-      `metrics` of finished jobs.
+    * Polling adapts (`PollSchedule`): checks go where the job is likely to end, learnt in `durations`
+      from the `metrics` of finished jobs, and give way when the budget is busy. With `poll_interval`,
+      every job is checked at that fixed interval instead, as Segmind's own SDK does.
+    * Work already at Segmind goes first: when requests wait for the budget, result fetches go before
+      status checks, and those before submits; submits take turns by `asker`. While the budget is busy,
+      a job is checked once it has most likely ended, at its result URL, so it costs about two requests.
     """
 
     def __init__(
@@ -125,6 +140,7 @@ class SegmindClient:
         durations: DurationModel | None = None,
         request_timeout: float = 30.0,
         max_poll_interval: float = 10.0,
+        poll_interval: float | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._transport = Transport(
@@ -139,6 +155,16 @@ class SegmindClient:
         self.deadline = deadline
         self.durations = durations or DurationModel()
         self.max_poll_interval = max_poll_interval
+        self.poll_interval = poll_interval
+        # While the budget is busy, a job that has likely ended is checked at its result URL, which saves
+        # the separate result request; off for good once Segmind is seen not to answer that way.
+        self.early_results = True
+        # Jobs whose submit was granted and which are not waited on yet, and jobs being waited on: what
+        # the budget keeps room for before it grants another submit.
+        self._sending = 0
+        self._sent: dict[str, float] = {}
+        self._waiting = 0
+        self._transport.budget.follow_ups = self._follow_ups
 
     def __repr__(self) -> str:
         return f"SegmindClient(base_url={self.base_url!r}, model={self.model!r})"
@@ -198,31 +224,51 @@ class SegmindClient:
         on_budget_wait: Callable[[int, float], None] | None = None,
         before_send: Callable[[], Awaitable[None]] | None = None,
         max_wait: float | None = None,
+        asker: Hashable | None = None,
     ) -> SubmittedJob:
         """Queues one job. Sent at most once: only a connection that never opened is tried again.
 
         `before_send` is awaited just before the request leaves, once a budget slot is granted, so the caller
         can record that from now on the job may exist at Segmind. With `max_wait`, a budget that cannot grant
-        a slot within that many seconds raises BudgetExhausted and nothing is sent.
+        a slot within that many seconds raises BudgetExhausted and nothing is sent. Waiting submits take
+        turns by `asker` (e.g. the member).
         """
         request = request.with_concrete_seed()
         url = f"{self.base_url}/v2/{self.model}"
-        body = await self._transport.send(
-            "POST",
-            url,
-            payload=request.to_payload(),
-            idempotent=False,
-            limit=SMALL_BODY_LIMIT,
-            accept=_json_object,
-            on_budget_wait=on_budget_wait,
-            before_send=before_send,
-            max_wait=max_wait,
-        )
+        sending = False
+
+        async def on_its_way() -> None:
+            # Counted from the grant on (no await before this), so the next submit sees the room it takes.
+            nonlocal sending
+            if not sending:
+                sending = True
+                self._sending += 1
+            if before_send is not None:
+                await before_send()
+
+        try:
+            body = await self._transport.send(
+                "POST",
+                url,
+                payload=request.to_payload(),
+                idempotent=False,
+                limit=SMALL_BODY_LIMIT,
+                accept=_json_object,
+                on_budget_wait=on_budget_wait,
+                before_send=on_its_way,
+                max_wait=max_wait,
+                priority=Priority.SUBMIT,
+                asker=asker,
+            )
+        finally:
+            if sending:
+                self._sending -= 1
         request_id = body.get("request_id")
         if isinstance(request_id, int) and not isinstance(request_id, bool):
             request_id = str(request_id)
         if not isinstance(request_id, str) or not request_id:
             raise UnexpectedResponse("the submit answer lacks a request_id")
+        self._sent[request_id] = time.monotonic()
         documented = self.handle_for(request_id, request)
         job = SubmittedJob(
             request_id=request_id,
@@ -255,14 +301,18 @@ class SegmindClient:
         url = self._job_url(
             job.request_id, job.status_url, self.handle_for(job.request_id, job.request).status_url
         )
-        state, _ = await self._ask_job(job, url, limit=SMALL_BODY_LIMIT, with_outputs=False)
+        state, _ = await self._ask_job(
+            job, url, limit=SMALL_BODY_LIMIT, with_outputs=False, priority=Priority.STATUS
+        )
         return state
 
     async def result(self, job: SubmittedJob) -> JobResult:
         url = self._job_url(
             job.request_id, job.response_url, self.handle_for(job.request_id, job.request).response_url
         )
-        state, body = await self._ask_job(job, url, limit=RESULT_BODY_LIMIT, with_outputs=True)
+        state, body = await self._ask_job(
+            job, url, limit=RESULT_BODY_LIMIT, with_outputs=True, priority=Priority.RESULT
+        )
         if state is not SegmindState.COMPLETED:
             raise UnexpectedResponse(f"result asked while the job is {state}", request_id=job.request_id)
         metrics = body.get("metrics") if isinstance(body.get("metrics"), dict) else {}
@@ -273,47 +323,130 @@ class SegmindClient:
 
         FAILED raises JobFailed; passing the deadline raises JobTimeout with the request id.
         """
-        schedule = PollSchedule(
-            self.durations,
-            job.request,
-            submitted_at=job.submitted_at,
-            deadline_at=job.submitted_at + (self.deadline if deadline is None else deadline),
-            min_interval=max(MIN_POLL_INTERVAL, self.budget.min_spacing),
-            max_interval=self.max_poll_interval,
-        )
+        schedule = self._schedule_for(job, deadline)
+        self._sent.pop(job.request_id, None)
+        self._waiting += 1
+        counted = True
+        try:
+            async for event in self._checks(job, schedule):
+                if event.result is not None:
+                    # Done with Segmind: its room is free before the caller even looks at the result.
+                    self._waiting -= 1
+                    counted = False
+                yield event
+        finally:
+            if counted:
+                self._waiting -= 1
+
+    async def _checks(
+        self, job: SubmittedJob, schedule: PollSchedule | FixedPollSchedule
+    ) -> AsyncIterator[JobEvent]:
         while True:
             now = time.monotonic()
             if schedule.expired(now):
                 raise JobTimeout(request_id=job.request_id, waited=now - job.submitted_at)
-            await asyncio.sleep(schedule.next_delay(now))
-            try:
-                # Retries and rate-limit waits inside one status check must not outlast the deadline either.
-                async with asyncio.timeout(max(0.1, schedule.time_left(time.monotonic()))) as limit:
-                    state = await self.status(job)
-            except TimeoutError:
-                if not limit.expired():
-                    raise
-                raise JobTimeout(
-                    request_id=job.request_id, waited=time.monotonic() - job.submitted_at
-                ) from None
-            except JobFailed as failed:
-                log.info(
-                    "segmind %s: FAILED (%s)",
-                    job.request_id,
-                    "content block" if failed.is_content_block else failed.error,
-                )
-                raise
+            await asyncio.sleep(schedule.next_delay(now, busy=self._budget_busy()))
+            result: JobResult | None = None
+            if self.early_results and self._budget_busy() > 0 and schedule.likely_ended(time.monotonic()):
+                state, result = await self._check_result(job, schedule)
+            else:
+                state = await self._check(job, schedule)
             seen_at = time.monotonic()
             elapsed = seen_at - job.submitted_at
             if state is not schedule.state:
                 log.info("segmind %s: %s after %.1f s", job.request_id, state, elapsed)
             schedule.observe(state, seen_at)
             if state is SegmindState.COMPLETED:
-                result = await self.result(job)
+                result = result or await self.result(job)
                 self.durations.learn(job.request, result.metrics)
                 yield JobEvent(job.request_id, state, elapsed, result)
                 return
-            yield JobEvent(job.request_id, state, elapsed)
+            end = schedule.expected_end(seen_at)
+            yield JobEvent(job.request_id, state, elapsed, expected_in=None if end is None else end - seen_at)
+
+    def expected_duration(self, request: GenerationRequest) -> float:
+        """Seconds from submit to the images for a request like this one, from the jobs seen so far."""
+        return self.durations.expected_total(request)
+
+    def _schedule_for(self, job: SubmittedJob, deadline: float | None) -> PollSchedule | FixedPollSchedule:
+        deadline_at = job.submitted_at + (self.deadline if deadline is None else deadline)
+        if self.poll_interval is not None:
+            return FixedPollSchedule(self.poll_interval, submitted_at=job.submitted_at, deadline_at=deadline_at)
+        return PollSchedule(
+            self.durations,
+            job.request,
+            submitted_at=job.submitted_at,
+            deadline_at=deadline_at,
+            min_interval=MIN_POLL_INTERVAL,
+            max_interval=self.max_poll_interval,
+        )
+
+    def _follow_ups(self) -> int:
+        now = time.monotonic()
+        # A job sent but never waited on (its caller failed in between) stops counting after a window.
+        for request_id, sent_at in list(self._sent.items()):
+            if now - sent_at > self.budget.window:
+                del self._sent[request_id]
+        per_job = FOLLOW_UPS_PER_JOB - 1 if self.early_results else FOLLOW_UPS_PER_JOB
+        return per_job * (self._sending + len(self._sent) + self._waiting)
+
+    def _budget_busy(self) -> float:
+        """0 while the budget has room, rising to 1 as its window fills past BUSY_BUDGET."""
+        return min(1.0, max(0.0, (self.budget.utilisation() - BUSY_BUDGET) / (1 - BUSY_BUDGET)))
+
+    async def _check(self, job: SubmittedJob, schedule: PollSchedule | FixedPollSchedule) -> SegmindState:
+        """One status check."""
+        return await self._within_deadline(job, schedule, self.status(job))
+
+    async def _check_result(
+        self, job: SubmittedJob, schedule: PollSchedule | FixedPollSchedule
+    ) -> tuple[SegmindState, JobResult | None]:
+        """A check at the result URL: when the job has ended, the one request brings its result too.
+
+        For a job still running, the result URL answers with its state like the status URL does. If it
+        answers otherwise, a status check tells whether that was the job or the URL; for the URL, this
+        client goes back to status checks only.
+        """
+        url = self._job_url(
+            job.request_id, job.response_url, self.handle_for(job.request_id, job.request).response_url
+        )
+        ask = self._ask_job(job, url, limit=RESULT_BODY_LIMIT, with_outputs=True, priority=Priority.RESULT)
+        try:
+            state, body = await self._within_deadline(job, schedule, ask)
+        except (BadRequest, NotFound, UnexpectedResponse) as error:
+            state = await self._check(job, schedule)
+            if state is not SegmindState.COMPLETED:
+                self.early_results = False
+                log.warning(
+                    "segmind %s: the result URL answered %s for a job that is %s; checking status only",
+                    job.request_id,
+                    error.status or type(error).__name__,
+                    state,
+                )
+            return state, None
+        if state is not SegmindState.COMPLETED:
+            return state, None
+        metrics = body.get("metrics") if isinstance(body.get("metrics"), dict) else {}
+        return state, JobResult(job.request_id, _outputs(body, job.request_id), job.request.base64, metrics)
+
+    async def _within_deadline(
+        self, job: SubmittedJob, schedule: PollSchedule | FixedPollSchedule, check: Awaitable[T]
+    ) -> T:
+        """A check bounded by what is left of the deadline (its retries and rate-limit waits too)."""
+        try:
+            async with asyncio.timeout(max(0.1, schedule.time_left(time.monotonic()))) as limit:
+                return await check
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            raise JobTimeout(request_id=job.request_id, waited=time.monotonic() - job.submitted_at) from None
+        except JobFailed as failed:
+            log.info(
+                "segmind %s: FAILED (%s)",
+                job.request_id,
+                "content block" if failed.is_content_block else failed.error,
+            )
+            raise
 
     # -- v1 sync --
 
@@ -335,7 +468,7 @@ class SegmindClient:
     # -- the job's URLs --
 
     async def _ask_job(
-        self, job: SubmittedJob, url: str, *, limit: int, with_outputs: bool
+        self, job: SubmittedJob, url: str, *, limit: int, with_outputs: bool, priority: Priority
     ) -> tuple[SegmindState, dict[str, Any]]:
         """The job's state and answer from its status or result URL; FAILED raises `JobFailed`."""
         state, body = await self._transport.send(
@@ -344,6 +477,7 @@ class SegmindClient:
             idempotent=True,
             limit=limit,
             accept=lambda reply: _job_answer(reply, job.request_id, with_outputs=with_outputs),
+            priority=priority,
         )
         if state is SegmindState.FAILED:
             raise JobFailed(error_text(body), request_id=job.request_id)

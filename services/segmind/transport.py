@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import aiohttp
 from yarl import URL
 
-from services.segmind.budget import RESET_HEADER, RequestBudget, parse_reset_at
+from services.segmind.budget import RESET_HEADER, Priority, RequestBudget, parse_reset_at
 from services.segmind.errors import (
     _CREDITS,
     ERRORS_BY_STATUS,
@@ -134,6 +134,8 @@ class _Call:
     on_budget_wait: Callable[[int, float], None] | None
     before_send: Callable[[], Awaitable[None]] | None
     give_up_at: float | None
+    priority: Priority
+    asker: Hashable | None
     rate_limited: int = 0  # 429s across every retry of the call, so waiting them out ends somewhere
 
 
@@ -210,6 +212,8 @@ class Transport:
         before_send: Callable[[], Awaitable[None]] | None = None,
         timeout: aiohttp.ClientTimeout | None = None,
         max_wait: float | None = None,
+        priority: Priority = Priority.STATUS,
+        asker: Hashable | None = None,
     ) -> T:
         """The layer of retries: the layers below, tried again after a 5xx, a drop or a malformed answer.
 
@@ -226,6 +230,8 @@ class Transport:
             on_budget_wait,
             before_send,
             None if max_wait is None else time.monotonic() + max_wait,
+            priority,
+            asker,
         )
         attempts = 0
         while True:
@@ -281,6 +287,8 @@ class Transport:
             await self.budget.acquire(
                 call.on_budget_wait,
                 max_wait=None if call.give_up_at is None else call.give_up_at - time.monotonic(),
+                priority=call.priority,
+                asker=call.asker,
             )
             if call.before_send is not None:
                 await call.before_send()

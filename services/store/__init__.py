@@ -68,7 +68,9 @@ async def open_store(
         from services.store.sqlite_store import SQLiteStore
 
         sqlite = await SQLiteStore.open(_sqlite_path(database_url))
-        return GuardedStore(sqlite, transient=SQLiteStore.TRANSIENT_ERRORS, timeout=timeout)
+        return GuardedStore(
+            sqlite, transient=SQLiteStore.TRANSIENT_ERRORS, timeout=timeout, cancels_promptly=True
+        )
     if scheme in ("redis", "rediss"):
         from services.store.redis_store import DEFAULT_PREFIX, RedisStore
 

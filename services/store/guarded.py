@@ -7,6 +7,7 @@ A hung Redis or a SQLite file locked by another process must never hold an inter
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 5.0
+# Flags (the out-of-credits cool-off) are read before every command: a burst of commands makes one read a
+# second of them, not one each. Set or cleared here, a flag is seen at once; by another process, within this.
+DEFAULT_FLAG_CACHE_SECONDS = 1.0
 # Every request to Segmind waits on the shared window: a store that is slow to answer must cost each one
 # little, after which the request goes by its process's own window.
 REQUEST_WINDOW_TIMEOUT = 1.0
@@ -44,17 +48,43 @@ class GuardedStore:
     because a statement stuck behind SQLite's lock (or a Redis socket that stopped answering) would
     otherwise keep the caller waiting for the very thing the timeout is meant to cut short. Errors that
     are not an outage (a bug, a bad argument) pass through unchanged.
+
+    A backend whose calls end at once when cancelled (`cancels_promptly`: SQLite's, whose calls only ever
+    wait for their transaction's turn) is simply cancelled on a timeout, in the caller's own task: a task
+    per call would cost more than most of its calls.
+
+    Flag reads are answered from memory for `flag_cache_seconds` after the backend last gave the flag
+    (0: never): what this store sets or clears is known at once, what another process does within that.
     """
 
     def __init__(
-        self, backend: Store, *, transient: tuple[type[BaseException], ...], timeout: float = DEFAULT_TIMEOUT
+        self,
+        backend: Store,
+        *,
+        transient: tuple[type[BaseException], ...],
+        timeout: float = DEFAULT_TIMEOUT,
+        flag_cache_seconds: float = DEFAULT_FLAG_CACHE_SECONDS,
+        cancels_promptly: bool = False,
     ) -> None:
         self.backend = backend
         self.timeout = timeout
         self._transient = transient
+        self._cancels_promptly = cancels_promptly
+        self._flag_cache_seconds = flag_cache_seconds
+        # name -> (when it was read, on the monotonic clock; the flag's end, None when it was not set)
+        self._flags: dict[str, tuple[float, float | None]] = {}
+        self._flag_reads: dict[str, asyncio.Future[float | None]] = {}
 
     async def _guard(self, call: Awaitable[T], timeout: float | None = None) -> T:
         timeout = self.timeout if timeout is None else timeout
+        if self._cancels_promptly:
+            try:
+                async with asyncio.timeout(timeout):
+                    return await call
+            except TimeoutError:
+                raise StoreUnavailable(f"the store did not answer within {timeout:g} s") from None
+            except self._transient as error:
+                raise StoreUnavailable(f"the store failed: {type(error).__name__}: {error}") from error
         task = asyncio.ensure_future(call)
         try:
             return await asyncio.wait_for(asyncio.shield(task), timeout)
@@ -93,6 +123,11 @@ class GuardedStore:
     async def reserved_before(self, before: float) -> list[str]:
         return await self._guard(self.backend.reserved_before(before))
 
+    async def reserve_job(
+        self, job: JobRecord, images: int, limits: QuotaLimits, now: float
+    ) -> JobRecord | QuotaRefusal:
+        return await self._guard(self.backend.reserve_job(job, images, limits, now))
+
     async def save_job(self, job: JobRecord) -> None:
         await self._guard(self.backend.save_job(job))
 
@@ -112,13 +147,45 @@ class GuardedStore:
         await self._guard(self.backend.release_lease(job_id, owner))
 
     async def set_flag(self, name: str, until: float) -> None:
+        # Forgotten first: should the write fail or be cut short, the next read asks the backend.
+        self._flags.pop(name, None)
         await self._guard(self.backend.set_flag(name, until))
+        self._flags[name] = (time.monotonic(), until)
 
     async def get_flag(self, name: str, now: float) -> float | None:
-        return await self._guard(self.backend.get_flag(name, now))
+        cached = self._flags.get(name)
+        if cached is not None and time.monotonic() - cached[0] < self._flag_cache_seconds:
+            until = cached[1]
+        else:
+            # Callers arriving while the flag is being read wait for that read instead of making their own.
+            reading = self._flag_reads.get(name)
+            if reading is None:
+                reading = asyncio.ensure_future(self._read_flag(name, now))
+                self._flag_reads[name] = reading
+                reading.add_done_callback(lambda done: self._flag_read_done(name, done))
+            until = await asyncio.shield(reading)
+        return until if until is not None and until > now else None
+
+    async def _read_flag(self, name: str, now: float) -> float | None:
+        read_at = time.monotonic()
+        until = await self._guard(self.backend.get_flag(name, now))
+        cached = self._flags.get(name)
+        # A set or clear that ended while this read was under way knows better than the read.
+        if cached is None or cached[0] <= read_at:
+            self._flags[name] = (read_at, until)
+        return until
+
+    def _flag_read_done(self, name: str, done: asyncio.Future[float | None]) -> None:
+        if self._flag_reads.get(name) is done:
+            del self._flag_reads[name]
+        # Retrieved, so a read whose callers all gave up does not log "exception was never retrieved".
+        if not done.cancelled():
+            done.exception()
 
     async def clear_flag(self, name: str) -> None:
+        self._flags.pop(name, None)
         await self._guard(self.backend.clear_flag(name))
+        self._flags[name] = (time.monotonic(), None)
 
     async def claim_command_sync(
         self, target: str, digest: str, owner: str, now: float, *, ttl: float, max_age: float

@@ -24,9 +24,9 @@ with full precision, so comparisons match the SQLite store exactly.
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -41,6 +41,7 @@ from services.store.base import (
     Reservation,
     SyncClaim,
     check_images,
+    check_reservable,
     load_job,
     new_reservation_id,
     reservation_user,
@@ -52,10 +53,12 @@ DEFAULT_JOB_RETENTION = 7 * 86400
 RECENT_JOBS_KEPT = 100
 # Keys that only exist for bookkeeping outlive the data they describe by this much.
 GC_MARGIN = 3600
+# Connections to Redis a process keeps at most; each command takes one for well under a millisecond.
+MAX_CONNECTIONS = 64
 
 # KEYS: times, records, reserved index. ARGV: images, daily, max_concurrent, window, now, new_id, key_ttl.
 # Mirrors base.evaluate(); returns {"ok"} or {reason, used, in_flight, resets_score or ""}.
-RESERVE_LUA = """
+_RESERVE_BODY_LUA = """
 local times, records = KEYS[1], KEYS[2]
 local images = tonumber(ARGV[1])
 local daily = tonumber(ARGV[2])
@@ -110,8 +113,25 @@ redis.call('HSET', records, ARGV[6], ARGV[1] .. ':reserved')
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
 redis.call('EXPIRE', times, ARGV[7])
 redis.call('EXPIRE', records, ARGV[7])
+"""
+
+RESERVE_LUA = _RESERVE_BODY_LUA + "return {'ok'}\n"
+
+# KEYS: as RESERVE_LUA, then the job's record, the unfinished index, the user's recent jobs. ARGV: as
+# RESERVE_LUA, then the job's JSON, created_at, id, how many recent jobs are kept, their index's TTL. The
+# reservation and the record of the job that owns it are written together or not at all (as save_job
+# writes an unfinished job).
+RESERVE_JOB_LUA = (
+    _RESERVE_BODY_LUA
+    + """
+redis.call('SET', KEYS[4], ARGV[8])
+redis.call('ZADD', KEYS[5], ARGV[9], ARGV[10])
+redis.call('ZADD', KEYS[6], ARGV[9], ARGV[10])
+redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -(tonumber(ARGV[11]) + 1))
+redis.call('EXPIRE', KEYS[6], ARGV[12])
 return {'ok'}
 """
+)
 
 # KEYS: times, records, reserved index. ARGV: reservation id, "commit" or "refund".
 SETTLE_LUA = """
@@ -216,6 +236,20 @@ return 0
 """
 
 
+def _refusal(reply: list[Any], images: int, limits: QuotaLimits) -> QuotaRefusal:
+    """The refusal RESERVE_LUA (or RESERVE_JOB_LUA) answered: {reason, used, in_flight, resets_score or ""}."""
+    reason, used, in_flight, resets_score = reply
+    return QuotaRefusal(
+        reason=reason,
+        remaining_images=max(0, limits.daily_images - int(used)),
+        in_flight=int(in_flight),
+        resets_at=float(resets_score) + limits.window_seconds if resets_score else None,
+        requested_images=images,
+        daily_limit=limits.daily_images,
+        max_concurrent=limits.max_concurrent,
+    )
+
+
 class RedisRequestWindow:
     """The Segmind request window every process on one Redis store shares (a `SharedWindow`)."""
 
@@ -262,6 +296,7 @@ class RedisStore:
         self._prefix = prefix
         self._job_retention = job_retention
         self._reserve_script = client.register_script(RESERVE_LUA)
+        self._reserve_job_script = client.register_script(RESERVE_JOB_LUA)
         self._settle_script = client.register_script(SETTLE_LUA)
         self._acquire_script = client.register_script(ACQUIRE_LEASE_LUA)
         self._release_script = client.register_script(RELEASE_LEASE_LUA)
@@ -272,7 +307,12 @@ class RedisStore:
     async def open(
         cls, url: str, *, prefix: str = DEFAULT_PREFIX, job_retention: int = DEFAULT_JOB_RETENTION
     ) -> RedisStore:
-        client = aioredis.from_url(url, decode_responses=True)
+        # A bounded pool whose callers wait their turn: redis-py's default one refuses the 101st command
+        # in flight (MaxConnectionsError), which a burst of commands reaches at once.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, decode_responses=True, max_connections=MAX_CONNECTIONS, timeout=None
+        )
+        client = aioredis.Redis.from_pool(pool)
         try:
             # Fail at startup, not at the first user command, when Redis is unreachable.
             await client.ping()
@@ -303,31 +343,44 @@ class RedisStore:
     ) -> Reservation | QuotaRefusal:
         check_images(images)
         reservation = Reservation(new_reservation_id(user_id), user_id, images, now)
-        key_ttl = math.ceil(limits.window_seconds) + GC_MARGIN
         reply = await self._reserve_script(
-            keys=self._quota_keys(user_id),
+            keys=self._quota_keys(user_id), args=self._reserve_args(reservation, limits)
+        )
+        return reservation if reply[0] == "ok" else _refusal(reply, images, limits)
+
+    async def reserve_job(
+        self, job: JobRecord, images: int, limits: QuotaLimits, now: float
+    ) -> JobRecord | QuotaRefusal:
+        reservation = check_reservable(job, images, now)
+        reply = await self._reserve_job_script(
+            keys=[
+                *self._quota_keys(job.user_id),
+                self._job_key(job.id),
+                self._unfinished_key,
+                self._user_jobs_key(job.user_id),
+            ],
             args=[
-                images,
-                limits.daily_images,
-                limits.max_concurrent,
-                float(limits.window_seconds),
-                float(now),
-                reservation.id,
-                key_ttl,
+                *self._reserve_args(reservation, limits),
+                job.to_json(),
+                float(job.created_at),
+                job.id,
+                RECENT_JOBS_KEPT,
+                self._job_retention + GC_MARGIN,
             ],
         )
-        if reply[0] == "ok":
-            return reservation
-        reason, used, in_flight, resets_score = reply
-        return QuotaRefusal(
-            reason=reason,
-            remaining_images=max(0, limits.daily_images - int(used)),
-            in_flight=int(in_flight),
-            resets_at=float(resets_score) + limits.window_seconds if resets_score else None,
-            requested_images=images,
-            daily_limit=limits.daily_images,
-            max_concurrent=limits.max_concurrent,
-        )
+        return job if reply[0] == "ok" else _refusal(reply, images, limits)
+
+    @staticmethod
+    def _reserve_args(reservation: Reservation, limits: QuotaLimits) -> list[Any]:
+        return [
+            reservation.images,
+            limits.daily_images,
+            limits.max_concurrent,
+            float(limits.window_seconds),
+            float(reservation.created_at),
+            reservation.id,
+            math.ceil(limits.window_seconds) + GC_MARGIN,
+        ]
 
     async def commit(self, reservation_id: str) -> None:
         await self._settle(reservation_id, "commit")
@@ -369,7 +422,7 @@ class RedisStore:
         return f"{self._prefix}jobs:unfinished"
 
     async def save_job(self, job: JobRecord) -> None:
-        data = json.dumps(job.to_dict(), separators=(",", ":"))
+        data = job.to_json()
         user_jobs = self._user_jobs_key(job.user_id)
         # One transaction so the record and its indexes never disagree.
         async with self._redis.pipeline(transaction=True) as pipe:

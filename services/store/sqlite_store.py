@@ -1,21 +1,24 @@
-"""SQLite store: one aiosqlite connection per process, WAL mode, writes in BEGIN IMMEDIATE transactions.
+"""SQLite store: WAL mode, the writes of one event-loop turn committed together in one transaction.
 
-Within a process an asyncio.Lock keeps coroutines from interleaving statements on the shared
-connection; across processes sharing the file, BEGIN IMMEDIATE takes SQLite's write lock before
-anything is read, so a read-check-write sequence cannot race another writer.
+Writes wait in a queue: whatever is waiting when the writer comes round runs as one `BEGIN IMMEDIATE`
+transaction, each write in a savepoint of its own, with one commit for all of them, and each caller's
+await ends only once that commit is done. A burst of commands therefore costs a few commits, not one per
+step of every job; and across processes sharing the file, `BEGIN IMMEDIATE` still takes SQLite's write
+lock before anything is read, so a read-check-write cannot race another writer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
+import copy
 import sqlite3
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-
-import aiosqlite
+from typing import Any, Generic, TypeVar
 
 from services.store.base import (
     COMMITTED,
@@ -31,11 +34,15 @@ from services.store.base import (
     Reservation,
     SyncClaim,
     check_images,
+    check_reservable,
     evaluate,
     load_job,
     new_reservation_id,
     summarize,
 )
+
+T = TypeVar("T")
+Operation = Callable[[sqlite3.Connection], T]
 
 MEMORY = ":memory:"
 SCHEMA_VERSION = 3
@@ -43,6 +50,11 @@ SCHEMA_VERSION = 3
 # and recreated (the next start syncs once more) rather than migrated.
 COMMAND_SYNCS_SINCE = 3
 DEFAULT_BUSY_TIMEOUT = 10.0
+# One commit serves this many writes at most: each of their callers wakes when it is done, and waking
+# hundreds at once would hold the event loop (and every command waiting on it) for as long as they all run.
+MAX_WRITES_PER_TRANSACTION = 64
+# The loop's commits leave the log to grow; the thread folds it back into the file after this many.
+CHECKPOINT_EVERY_COMMITS = 100
 DEFAULT_JOB_RETENTION = 7 * 86400.0
 
 SCHEMA = """
@@ -89,19 +101,36 @@ _FINISHED_SQL = ", ".join(f"'{state.value}'" for state in sorted(FINISHED))
 class SQLiteStore:
     """The store of one process (or a few on one machine): one SQLite file it opens and closes.
 
-    It owns the aiosqlite connection, the schema (created or extended at open, where the command-sync
-    cache of an older layout is recreated and finished jobs past their retention are pruned) and the
-    lock that keeps this process's coroutines from interleaving statements. Every read-check-write runs
-    in one `BEGIN IMMEDIATE` transaction, so it is atomic against other processes sharing the file too; a
-    locked or vanished file raises one of `TRANSIENT_ERRORS`.
+    It owns two connections to the file, the schema (created or extended at open, where the command-sync
+    cache of an older layout is recreated and finished jobs past their retention are pruned) and the queue
+    of writes waiting for the next transaction. Statements run on the event loop's own connection, which
+    never waits for a lock: they take microseconds, where handing each one to a thread would make it wait
+    for the interpreter lock behind everything the loop does (milliseconds each, under load). When another
+    process holds the write lock, the transaction goes to a thread whose connection waits it out, and that
+    thread also runs the checkpoints, the only step that flushes the file to disk.
+
+    It guarantees that each method is one atomic step, against this process's other calls and against
+    other processes sharing the file; that a write's await returns only once the transaction holding it is
+    committed; and that a write that fails fails its own caller alone, while a transaction that fails as a
+    whole (a locked, full or vanished file; a commit that did not go through) fails every caller whose
+    write it held, each with one of `TRANSIENT_ERRORS`. A caller cancelled before its transaction began
+    leaves nothing behind; one cancelled later may still find its write committed, as with any database.
     """
 
     # What a locked, full or vanished database file raises; anything else is a bug, not an outage.
     TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
-        self._lock = asyncio.Lock()
+    def __init__(
+        self, db: sqlite3.Connection, patient_db: sqlite3.Connection | None, thread: ThreadPoolExecutor
+    ) -> None:
+        self._db = db  # the event loop's; never waits for a lock
+        self._patient_db = patient_db  # the thread's; None for a database in memory, which nobody shares
+        self._thread = thread
+        self._waiting: list[_Write[Any]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._commits = 0  # since the last checkpoint
+        self._checkpoint: asyncio.Future[None] | None = None
+        self._closed = False
 
     @classmethod
     async def open(
@@ -111,61 +140,153 @@ class SQLiteStore:
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         job_retention: float = DEFAULT_JOB_RETENTION,
     ) -> SQLiteStore:
-        if path != MEMORY:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: the sqlite3 module must not open transactions behind our back,
-        # or BEGIN IMMEDIATE would fail with "cannot start a transaction within a transaction".
-        db = await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
-        store = cls(db)
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        loop = asyncio.get_running_loop()
+        patient_db: sqlite3.Connection | None = None
+        db: sqlite3.Connection | None = None
         try:
-            await store._prepare(path, job_retention)
+            if path == MEMORY:
+                db = _connect(path, busy_timeout=0.0)
+                _prepare(db, path, job_retention)
+            else:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                # Opened and prepared on the thread: the schema may have to wait for another process's lock.
+                patient_db = await loop.run_in_executor(thread, _connect_patient, path, busy_timeout)
+                await loop.run_in_executor(thread, _prepare, patient_db, path, job_retention)
+                db = _connect(path, busy_timeout=0.0)
+                _tune_for_the_loop(db)
         except BaseException:
-            await db.close()
+            if db is not None:
+                db.close()
+            if patient_db is not None:
+                await loop.run_in_executor(thread, patient_db.close)
+            thread.shutdown(wait=False)
             raise
-        return store
-
-    async def _prepare(self, path: str, job_retention: float) -> None:
-        if path != MEMORY:
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL is durable against application crashes in WAL mode, only an OS crash may lose
-            # the last transactions, which is fine for quota and job bookkeeping.
-            await self._db.execute("PRAGMA synchronous=NORMAL")
-        async with self._transaction() as db:
-            cursor = await db.execute("PRAGMA user_version")
-            row = await cursor.fetchone()
-            if row is not None and row[0] < COMMAND_SYNCS_SINCE:
-                await db.execute("DROP TABLE IF EXISTS command_syncs")
-            for statement in filter(str.strip, SCHEMA.split(";")):
-                await db.execute(statement)
-            await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            cutoff = time.time() - job_retention
-            await db.execute(
-                f"DELETE FROM jobs WHERE state IN ({_FINISHED_SQL}) AND updated_at < ?", (cutoff,)
-            )
-            await db.execute("DELETE FROM leases WHERE expires_at < ?", (cutoff,))
+        return cls(db, patient_db, thread)
 
     async def close(self) -> None:
-        async with self._lock:
-            await self._db.close()
+        if self._closed:
+            return
+        self._closed = True
+        # Writes already accepted are committed before the connections go.
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+        loop = asyncio.get_running_loop()
+        try:
+            self._db.close()
+            if self._patient_db is not None:
+                # Last to close, so it is the one that folds the log back into the file, on its thread.
+                await loop.run_in_executor(self._thread, self._patient_db.close)
+        finally:
+            self._thread.shutdown(wait=False)
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            try:
-                await self._db.execute("BEGIN IMMEDIATE")
-                yield self._db
-                await self._db.commit()
-            except BaseException:
-                # A cancelled await does not stop the statement already queued on aiosqlite's thread,
-                # so BEGIN may still run after we gave up on it. rollback() is queued behind it and
-                # is a no-op outside a transaction, leaving the connection clean either way.
-                await asyncio.shield(self._db.rollback())
+    # --- running statements ---
+
+    async def _call(self, operation: Operation[T]) -> T:
+        """Runs `operation` outside any transaction (a read); on the thread if another process holds a
+        lock."""
+        try:
+            return operation(self._db)
+        except sqlite3.OperationalError as error:
+            if self._patient_db is None or not _busy(error):
                 raise
+        return await asyncio.get_running_loop().run_in_executor(self._thread, operation, self._patient_db)
 
-    @asynccontextmanager
-    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            yield self._db
+    async def _write(self, operation: Operation[T]) -> T:
+        """Runs `operation` in the next transaction the store commits; returns once that commit is done."""
+        if self._closed:
+            raise sqlite3.ProgrammingError("the store is closed")
+        write: _Write[T] = _Write(operation, asyncio.get_running_loop().create_future())
+        self._waiting.append(write)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_waiting(), name="sqlite-store-writer")
+        return await write.future
+
+    async def _write_waiting(self) -> None:
+        # Started by the first write of a loop turn, so it finds every write made in that turn waiting.
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            # A caller that gave up before its turn is left out, so nothing it asked for happens.
+            waiting = [write for write in self._waiting if not write.future.cancelled()]
+            batch, self._waiting = waiting[:MAX_WRITES_PER_TRANSACTION], waiting[MAX_WRITES_PER_TRANSACTION:]
+            if not batch:
+                continue
+            operations = [write.operation for write in batch]
+            try:
+                outcomes = self._run_batch(self._db, operations, may_defer=self._patient_db is not None)
+            except _LockHeld:
+                waited = loop.run_in_executor(self._thread, self._run_batch, self._patient_db, operations)
+                try:
+                    outcomes = await asyncio.shield(waited)
+                except asyncio.CancelledError:
+                    # Only the loop's own end cancels the writer; its callers are cancelled with it.
+                    for write in batch:
+                        write.future.cancel()
+                    raise
+            for write, outcome in zip(batch, outcomes, strict=True):
+                if write.future.done():
+                    continue
+                if outcome.error is not None:
+                    write.future.set_exception(outcome.error)
+                else:
+                    write.future.set_result(outcome.value)
+            self._maybe_checkpoint()
+            # The callers just woken (and the commands waiting on the loop) run before the next transaction.
+            await asyncio.sleep(0)
+
+    def _run_batch(
+        self, db: sqlite3.Connection, operations: list[Operation[Any]], *, may_defer: bool = False
+    ) -> list[_Outcome]:
+        """Every operation in one transaction, its outcomes in the same order.
+
+        With `may_defer`, a write lock another process holds raises `_LockHeld` before anything ran, for
+        the caller to try again on the connection that waits for it.
+        """
+        failed: dict[int, _Outcome] = {}
+        while True:
+            try:
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as error:
+                    if may_defer and _busy(error):
+                        raise _LockHeld from error
+                    raise
+                values, culprit = _apply(db, operations, failed)
+                if culprit is None:
+                    self._commit(db)
+                    break
+            except _LockHeld:
+                raise
+            except Exception as error:
+                _roll_back(db)
+                # Each caller gets an exception of its own: they are raised, and their tracebacks grow apart.
+                return [_Outcome(error=_copy_of(error)) for _ in operations]
+            except BaseException:  # the process is being interrupted: nothing of the batch is kept
+                _roll_back(db)
+                raise
+            # One write failed on its own account (a bug, not the file): everything is undone and run again
+            # without it, so that it alone fails, and the others commit as if it had never been asked for.
+            _roll_back(db)
+            failed[culprit[0]] = _Outcome(error=culprit[1])
+        self._commits += 1
+        return [failed.get(index) or _Outcome(value=value) for index, value in enumerate(values)]
+
+    @staticmethod
+    def _commit(db: sqlite3.Connection) -> None:
+        db.execute("COMMIT")
+
+    def _maybe_checkpoint(self) -> None:
+        """Every so many commits, the thread copies the log into the file (flushing it to disk there)."""
+        if self._patient_db is None or self._commits < CHECKPOINT_EVERY_COMMITS:
+            return
+        if self._checkpoint is not None and not self._checkpoint.done():
+            return
+        self._commits = 0
+        self._checkpoint = asyncio.get_running_loop().run_in_executor(
+            self._thread, _checkpoint, self._patient_db
+        )
+        # A checkpoint that fails is tried again after the next commits; it loses nothing meanwhile.
+        self._checkpoint.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     # --- quota ---
 
@@ -173,63 +294,40 @@ class SQLiteStore:
         self, user_id: int, images: int, limits: QuotaLimits, now: float
     ) -> Reservation | QuotaRefusal:
         check_images(images)
-        cutoff = now - limits.window_seconds
-        async with self._transaction() as db:
-            # Entries outside the window never count again; trimming keeps the per-user scan short.
-            await db.execute(
-                "DELETE FROM reservations WHERE user_id = ? AND created_at <= ?", (user_id, cutoff)
-            )
-            entries = await self._entries(db, user_id, cutoff)
-            refusal = evaluate(entries, images, limits, now)
-            if refusal is not None:
-                return refusal
-            reservation = Reservation(new_reservation_id(user_id), user_id, images, now)
-            await db.execute(
-                "INSERT INTO reservations (id, user_id, images, created_at, state) VALUES (?, ?, ?, ?, ?)",
-                (reservation.id, user_id, images, now, RESERVED),
-            )
-        return reservation
+        reservation = Reservation(new_reservation_id(user_id), user_id, images, now)
+        refusal = await self._write(lambda db: _reserve(db, reservation, limits))
+        return reservation if refusal is None else refusal
+
+    async def reserve_job(
+        self, job: JobRecord, images: int, limits: QuotaLimits, now: float
+    ) -> JobRecord | QuotaRefusal:
+        reservation = check_reservable(job, images, now)
+        row = _job_row(job)
+
+        def reserve_and_save(db: sqlite3.Connection) -> QuotaRefusal | None:
+            refusal = _reserve(db, reservation, limits)
+            if refusal is None:
+                _save_job(db, row)
+            return refusal
+
+        refusal = await self._write(reserve_and_save)
+        return job if refusal is None else refusal
 
     async def commit(self, reservation_id: str) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                "UPDATE reservations SET state = ? WHERE id = ? AND state = ?",
-                (COMMITTED, reservation_id, RESERVED),
-            )
+        await self._write(lambda db: _settle(db, reservation_id, COMMITTED))
 
     async def refund(self, reservation_id: str) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                "UPDATE reservations SET state = ? WHERE id = ? AND state = ?",
-                (REFUNDED, reservation_id, RESERVED),
-            )
+        await self._write(lambda db: _settle(db, reservation_id, REFUNDED))
 
     async def usage(self, user_id: int, limits: QuotaLimits, now: float) -> QuotaUsage:
-        async with self._reading() as db:
-            entries = await self._entries(db, user_id, now - limits.window_seconds)
+        entries = await self._call(lambda db: _entries(db, user_id, now - limits.window_seconds))
         return summarize(entries, limits, now)
-
-    @staticmethod
-    async def _entries(db: aiosqlite.Connection, user_id: int, cutoff: float) -> list[QuotaEntry]:
-        cursor = await db.execute(
-            "SELECT created_at, images, state FROM reservations"
-            " WHERE user_id = ? AND created_at > ? AND state IN (?, ?) ORDER BY created_at, id",
-            (user_id, cutoff, RESERVED, COMMITTED),
-        )
-        rows = await cursor.fetchall()
-        return [QuotaEntry(created_at=row[0], images=row[1], state=row[2]) for row in rows]
 
     # --- jobs ---
 
     async def save_job(self, job: JobRecord) -> None:
-        data = json.dumps(job.to_dict(), separators=(",", ":"))
-        async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO jobs (id, user_id, state, created_at, updated_at, data) VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, state = excluded.state,"
-                " created_at = excluded.created_at, updated_at = excluded.updated_at, data = excluded.data",
-                (job.id, job.user_id, job.state.value, job.created_at, job.updated_at, data),
-            )
+        row = _job_row(job)
+        await self._write(lambda db: _save_job(db, row))
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         jobs = await self._select_jobs("WHERE id = ?", (job_id,))
@@ -248,99 +346,105 @@ class SQLiteStore:
         )
 
     async def _select_jobs(self, clause: str, params: tuple[object, ...]) -> list[JobRecord]:
-        async with self._reading() as db:
-            cursor = await db.execute(f"SELECT id, data FROM jobs {clause}", params)
-            rows = await cursor.fetchall()
+        rows = await self._call(
+            lambda db: db.execute(f"SELECT id, data FROM jobs {clause}", params).fetchall()
+        )
         return [job for row in rows if (job := load_job(row[1], row[0])) is not None]
 
     async def reserved_before(self, before: float) -> list[str]:
-        async with self._reading() as db:
-            cursor = await db.execute(
+        rows = await self._call(
+            lambda db: db.execute(
                 "SELECT id FROM reservations WHERE state = ? AND created_at < ? ORDER BY created_at",
                 (RESERVED, before),
-            )
-            rows = await cursor.fetchall()
+            ).fetchall()
+        )
         return [row[0] for row in rows]
 
     # --- leases ---
 
     async def acquire_lease(self, job_id: str, owner: str, ttl: float, now: float) -> bool:
-        async with self._transaction() as db:
-            cursor = await db.execute("SELECT owner, expires_at FROM leases WHERE job_id = ?", (job_id,))
-            row = await cursor.fetchone()
+        def acquire(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT owner, expires_at FROM leases WHERE job_id = ?", (job_id,)).fetchone()
             if row is not None and row[0] != owner and row[1] > now:
                 return False
-            await db.execute(
+            db.execute(
                 "INSERT INTO leases (job_id, owner, expires_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (job_id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at",
                 (job_id, owner, now + ttl),
             )
-        return True
+            return True
+
+        return await self._write(acquire)
 
     async def release_lease(self, job_id: str, owner: str) -> None:
-        async with self._transaction() as db:
-            await db.execute("DELETE FROM leases WHERE job_id = ? AND owner = ?", (job_id, owner))
+        await self._write(
+            lambda db: db.execute("DELETE FROM leases WHERE job_id = ? AND owner = ?", (job_id, owner))
+        )
 
     # --- flags ---
 
     async def set_flag(self, name: str, until: float) -> None:
-        async with self._transaction() as db:
-            await db.execute(
+        await self._write(
+            lambda db: db.execute(
                 "INSERT INTO flags (name, until) VALUES (?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET until = excluded.until",
                 (name, until),
             )
+        )
 
     async def get_flag(self, name: str, now: float) -> float | None:
-        async with self._reading() as db:
-            cursor = await db.execute("SELECT until FROM flags WHERE name = ?", (name,))
-            row = await cursor.fetchone()
+        row = await self._call(
+            lambda db: db.execute("SELECT until FROM flags WHERE name = ?", (name,)).fetchone()
+        )
         if row is None or row[0] <= now:
             return None
         return float(row[0])
 
     async def clear_flag(self, name: str) -> None:
-        async with self._transaction() as db:
-            await db.execute("DELETE FROM flags WHERE name = ?", (name,))
+        await self._write(lambda db: db.execute("DELETE FROM flags WHERE name = ?", (name,)))
 
     # --- command sync ---
 
     async def claim_command_sync(
         self, target: str, digest: str, owner: str, now: float, *, ttl: float, max_age: float
     ) -> SyncClaim:
-        async with self._transaction() as db:
-            cursor = await db.execute(
+        def claim(db: sqlite3.Connection) -> SyncClaim:
+            row = db.execute(
                 "SELECT synced, synced_at, owner, claimed_until FROM command_syncs WHERE target = ?",
                 (target,),
-            )
-            row = await cursor.fetchone()
+            ).fetchone()
             if row is not None:
                 synced, synced_at, claim_owner, claimed_until = row
                 if claimed_until is not None and claimed_until > now and claim_owner != owner:
                     return SyncClaim("busy")
                 if max_age > 0 and synced == digest and synced_at is not None and synced_at > now - max_age:
                     return SyncClaim("synced", synced_at)
-            await db.execute(
+            db.execute(
                 "INSERT INTO command_syncs (target, owner, claimed_until) VALUES (?, ?, ?)"
                 " ON CONFLICT (target) DO UPDATE SET owner = excluded.owner,"
                 " claimed_until = excluded.claimed_until",
                 (target, owner, now + ttl),
             )
-        return SyncClaim("claimed")
+            return SyncClaim("claimed")
+
+        return await self._write(claim)
 
     async def finish_command_sync(
         self, target: str, digest: str, owner: str, now: float, *, synced: bool
     ) -> bool:
         recorded = (digest, now) if synced else (None, None)
-        async with self._transaction() as db:
+
+        def finish(db: sqlite3.Connection) -> bool:
             # The owner guard: a claimer whose claim lapsed and was taken over must not overwrite what the
             # new owner records.
-            cursor = await db.execute(
+            cursor = db.execute(
                 "UPDATE command_syncs SET synced = coalesce(?, synced), synced_at = coalesce(?, synced_at),"
                 " owner = NULL, claimed_until = NULL WHERE target = ? AND owner = ?",
                 (*recorded, target, owner),
             )
             return cursor.rowcount == 1
+
+        return await self._write(finish)
 
     # --- request budget ---
 
@@ -348,3 +452,158 @@ class SQLiteStore:
         # Shards run as processes on one Redis; a SQLite deployment is one process, whose own window is
         # the whole budget.
         return None
+
+
+@dataclass
+class _Write(Generic[T]):
+    operation: Operation[T]
+    future: asyncio.Future[T]
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    value: Any = None
+    error: BaseException | None = None
+
+
+# --- statements, run on the store's thread ---
+
+
+def _apply(
+    db: sqlite3.Connection, operations: list[Operation[Any]], failed: dict[int, _Outcome]
+) -> tuple[list[Any], tuple[int, Exception] | None]:
+    """Runs the operations not known to fail, in order: their values, and the first that raised, if any.
+
+    Without a savepoint each: they cost two statements a write, and a write that fails is rare (a bug).
+    """
+    values: list[Any] = []
+    for index, operation in enumerate(operations):
+        if index in failed:
+            values.append(None)
+            continue
+        try:
+            values.append(operation(db))
+        except SQLiteStore.TRANSIENT_ERRORS:
+            raise  # the file failed: the whole transaction is in doubt
+        except Exception as error:
+            return values, (index, error)
+    return values, None
+
+
+class _LockHeld(Exception):
+    """Another process holds the database's write lock: the transaction is to wait for it on the thread."""
+
+
+def _connect(path: str, *, busy_timeout: float, check_same_thread: bool = True) -> sqlite3.Connection:
+    # isolation_level=None: the sqlite3 module must not open transactions behind our back, or BEGIN
+    # IMMEDIATE would fail with "cannot start a transaction within a transaction".
+    return sqlite3.connect(
+        path, timeout=busy_timeout, isolation_level=None, check_same_thread=check_same_thread
+    )
+
+
+def _connect_patient(path: str, busy_timeout: float) -> sqlite3.Connection:
+    # Made on the store's thread and only ever used there.
+    return _connect(path, busy_timeout=busy_timeout)
+
+
+def _tune_for_the_loop(db: sqlite3.Connection) -> None:
+    # NORMAL is durable against application crashes in WAL mode, only an OS crash may lose the last
+    # transactions, which is fine for quota and job bookkeeping; and a commit then writes the log without
+    # flushing it to disk, so it costs the loop no wait on the disk.
+    db.execute("PRAGMA synchronous=NORMAL")
+    # The checkpoints (which do flush) are the thread's, never a commit's on the loop.
+    db.execute("PRAGMA wal_autocheckpoint=0")
+
+
+def _busy(error: sqlite3.Error) -> bool:
+    return getattr(error, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _checkpoint(db: sqlite3.Connection) -> None:
+    # PASSIVE: copies what it can without waiting for, or blocking, anyone.
+    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+def _prepare(db: sqlite3.Connection, path: str, job_retention: float) -> None:
+    if path != MEMORY:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        row = db.execute("PRAGMA user_version").fetchone()
+        if row is not None and row[0] < COMMAND_SYNCS_SINCE:
+            db.execute("DROP TABLE IF EXISTS command_syncs")
+        for statement in filter(str.strip, SCHEMA.split(";")):
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        cutoff = time.time() - job_retention
+        db.execute(f"DELETE FROM jobs WHERE state IN ({_FINISHED_SQL}) AND updated_at < ?", (cutoff,))
+        db.execute("DELETE FROM leases WHERE expires_at < ?", (cutoff,))
+        db.execute("COMMIT")
+    except BaseException:
+        _roll_back(db)
+        raise
+
+
+def _roll_back(db: sqlite3.Connection) -> None:
+    # A no-op outside a transaction; a connection too broken to roll back reports itself on the next call.
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+
+
+def _copy_of(error: BaseException) -> BaseException:
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error
+
+
+def _reserve(db: sqlite3.Connection, reservation: Reservation, limits: QuotaLimits) -> QuotaRefusal | None:
+    """Records `reservation` if it fits the limits; otherwise the refusal, recording nothing."""
+    user_id, now = reservation.user_id, reservation.created_at
+    cutoff = now - limits.window_seconds
+    # Entries outside the window never count again; trimming keeps the per-user scan short.
+    db.execute("DELETE FROM reservations WHERE user_id = ? AND created_at <= ?", (user_id, cutoff))
+    refusal = evaluate(_entries(db, user_id, cutoff), reservation.images, limits, now)
+    if refusal is not None:
+        return refusal
+    db.execute(
+        "INSERT INTO reservations (id, user_id, images, created_at, state) VALUES (?, ?, ?, ?, ?)",
+        (reservation.id, user_id, reservation.images, now, RESERVED),
+    )
+    return None
+
+
+def _settle(db: sqlite3.Connection, reservation_id: str, state: str) -> None:
+    db.execute(
+        "UPDATE reservations SET state = ? WHERE id = ? AND state = ?", (state, reservation_id, RESERVED)
+    )
+
+
+def _entries(db: sqlite3.Connection, user_id: int, cutoff: float) -> list[QuotaEntry]:
+    rows = db.execute(
+        "SELECT created_at, images, state FROM reservations"
+        " WHERE user_id = ? AND created_at > ? AND state IN (?, ?) ORDER BY created_at, id",
+        (user_id, cutoff, RESERVED, COMMITTED),
+    ).fetchall()
+    return [QuotaEntry(created_at=row[0], images=row[1], state=row[2]) for row in rows]
+
+
+_JobRow = tuple[str, int, str, float, float, str]
+
+
+def _job_row(job: JobRecord) -> _JobRow:
+    # Encoded by the caller, on the event loop: the store's thread only runs statements.
+    data = job.to_json()
+    return (job.id, job.user_id, job.state.value, job.created_at, job.updated_at, data)
+
+
+def _save_job(db: sqlite3.Connection, row: _JobRow) -> None:
+    db.execute(
+        "INSERT INTO jobs (id, user_id, state, created_at, updated_at, data) VALUES (?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, state = excluded.state,"
+        " created_at = excluded.created_at, updated_at = excluded.updated_at, data = excluded.data",
+        row,
+    )

@@ -15,7 +15,12 @@ import signal
 from collections.abc import Sequence
 
 from devtools.fakes.segmind.server import SegmindServer
-from devtools.fakes.segmind.settings import DEFAULT_MODEL, SegmindServerSettings
+from devtools.fakes.segmind.settings import (
+    DEFAULT_MODEL,
+    EARLY_RESULTS,
+    QUEUE_DISTRIBUTIONS,
+    SegmindServerSettings,
+)
 
 DEFAULT_PORT = 8700
 
@@ -37,13 +42,51 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--queue-seconds",
         type=float,
         default=defaults.queue_seconds,
-        help="minimum time a job stays QUEUED (default: %(default)s)",
+        help="minimum time a job stays QUEUED, or its mean with --queue-distribution exponential "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--early-result",
+        choices=EARLY_RESULTS,
+        default=defaults.early_result,
+        help="how the result URL answers before the job has ended: state (like the status URL) or "
+        "not_found (404) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--queue-distribution",
+        choices=QUEUE_DISTRIBUTIONS,
+        default=defaults.queue_distribution,
+        help="fixed: every job waits --queue-seconds; exponential: each job's wait is drawn with that "
+        "mean; either way a job then waits for a free worker (default: %(default)s)",
     )
     parser.add_argument(
         "--seconds-per-step",
         type=float,
         default=defaults.seconds_per_step,
         help="generation time per step for one 1024x1024 sample (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--inference-jitter",
+        type=float,
+        default=defaults.inference_jitter,
+        metavar="J",
+        help="multiply each job's generation time by uniform(1-J, 1+J), 0 <= J < 1 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--inference-range",
+        type=float,
+        nargs=2,
+        default=defaults.inference_range,
+        metavar=("LOW", "HIGH"),
+        help="generation takes uniform(LOW, HIGH) seconds whatever the parameters; overrides "
+        "--seconds-per-step and --inference-jitter (default: off, time follows steps, size and samples)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed of the server's random draws (queue and generation times, seeds for -1), for a "
+        "reproducible run (default: a random seed)",
     )
     parser.add_argument(
         "--workers", type=int, default=defaults.workers, help="jobs run at once (default: %(default)s)"
@@ -77,10 +120,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--log-level", default="INFO", help="how much the stand-in logs (default: %(default)s)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        settings_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
 
 
 def settings_from_args(args: argparse.Namespace) -> SegmindServerSettings:
+    """The settings the arguments ask for (ValueError, naming the setting, for a bad timing value)."""
     return SegmindServerSettings(
         api_keys=frozenset(args.api_key) if args.api_key else None,
         model=args.model,
@@ -91,6 +140,11 @@ def settings_from_args(args: argparse.Namespace) -> SegmindServerSettings:
         blocked_words=frozenset(args.block_word),
         requests_per_minute=args.requests_per_minute,
         public_base_url=args.public_base_url,
+        queue_distribution=args.queue_distribution,
+        early_result=args.early_result,
+        inference_jitter=args.inference_jitter,
+        inference_range=None if args.inference_range is None else tuple(args.inference_range),
+        seed=args.seed,
     )
 
 

@@ -32,6 +32,15 @@ Where the page is silent, this server chooses:
   its parameters are described in `devtools.fakes.segmind.faults`; `foreign_urls`, `many_outputs` and
   `odd_image` handle the request normally (checks included) and change only the answer.
 * Jobs do not depend on the key that submitted them: any valid key may poll any job.
+* The plan limit (`requests_per_minute`) counts every keyed API request: submit, status, result and
+  the v1 call, whatever their answer, but not the 429s it gives (see `_spend_rate_budget`) nor output
+  downloads, which Segmind serves from a CDN host without a key. `stats.rate_limited` counts its 429s.
+
+Timing: a job waits `queue_seconds` in the queue (or a draw from an exponential distribution with that
+mean) and then for a free worker, then runs for a time from its parameters (steps x megapixels x samples,
+optionally jittered) or drawn from `inference_range`. Every draw comes from one `random.Random(seed)`,
+so a run with a `seed` setting is reproducible; setting `seed` through the control API reseeds it.
+Each job's outputs are rendered in the background before it ends (see `ImageStore`).
 
 `/_control/...` lets another process drive a server started from the command line: faults
 (POST, GET, DELETE), stats (GET, DELETE) and settings (GET, POST). It is not recorded in the stats.
@@ -61,8 +70,9 @@ from devtools.fakes.segmind.jobs import (
     ImageStore,
     Job,
     WorkerSchedule,
+    draw_processing_seconds,
+    draw_queue_seconds,
     find_blocked_word,
-    inference_seconds,
 )
 from devtools.fakes.segmind.params import GenerationParams, InvalidParameter, parse_generation_params
 from devtools.fakes.segmind.settings import SegmindServerSettings, apply_settings_json, settings_to_json
@@ -192,7 +202,8 @@ class SegmindServer:
         self._faults = FaultBook()
         self._jobs: dict[str, Job] = {}
         self._schedule = WorkerSchedule()
-        self._images = ImageStore()
+        self._images = ImageStore(clock=clock)
+        self.rng = random.Random(self.settings.seed)
         self._extra_outputs: dict[str, int] = {}  # request id -> outputs listed by many_outputs
         self._key_windows: defaultdict[str, deque[float]] = defaultdict(deque)
         self._runner: web.AppRunner | None = None
@@ -215,6 +226,11 @@ class SegmindServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self._images.close()
+
+    def reseed(self) -> None:
+        """Restart the random draws from `settings.seed` (a fresh random seed when it is None)."""
+        self.rng.seed(self.settings.seed)
 
     # ---- faults ----------------------------------------------------------------------------------
 
@@ -322,6 +338,10 @@ class SegmindServer:
         while window and now - window[0] >= RATE_WINDOW_SECONDS:
             window.popleft()
         if len(window) >= limit:
+            self.stats.rate_limited += 1
+            # A refused request is not added to the window: Segmind neither runs nor bills it, so the
+            # reset time announced here (when the oldest counted request ages out) stays true however
+            # often a client asks meanwhile, and a client that waits for it is served then.
             raise ApiError(429, "Rate limit exceeded", reset_header(window[0] + RATE_WINDOW_SECONDS - now))
         window.append(now)
 
@@ -353,15 +373,26 @@ class SegmindServer:
         return f"{request.scheme}://{request.host}"
 
     def _schedule_job(self, params: GenerationParams, *, queue_seconds: float) -> Job:
-        """Give a new job its timeline: the first free worker, after at least `queue_seconds`."""
+        """Give a new job its timeline: a free worker, after `queue_seconds` (the mean, if exponential)."""
+        settings = self.settings
         now = self.clock()
-        blocked = find_blocked_word(params.prompt, self.settings.blocked_words)
-        duration = 0.0 if blocked else inference_seconds(params, self.settings.seconds_per_step)
-        starts_at = self._schedule.reserve(self.settings.workers, now + queue_seconds, duration)
+        self._schedule.forget_before(now)
+        blocked = find_blocked_word(params.prompt, settings.blocked_words)
+        queued = draw_queue_seconds(self.rng, queue_seconds, settings.queue_distribution)
+        duration = 0.0
+        if not blocked:
+            duration = draw_processing_seconds(
+                self.rng,
+                params,
+                seconds_per_step=settings.seconds_per_step,
+                jitter=settings.inference_jitter,
+                fixed_range=settings.inference_range,
+            )
+        starts_at = self._schedule.reserve(settings.workers, now + queued, duration)
         return Job(
             request_id=str(uuid.uuid4()),
             params=params,
-            seed=params.seed if params.seed != -1 else random.randrange(MAX_RANDOM_SEED),
+            seed=params.seed if params.seed != -1 else self.rng.randrange(MAX_RANDOM_SEED),
             submitted_at=now,
             starts_at=starts_at,
             ends_at=starts_at + duration,
@@ -388,6 +419,7 @@ class SegmindServer:
         body, params = await self._read_params(request)
         job = self._schedule_job(params, queue_seconds=self.settings.queue_seconds)
         self._jobs[job.request_id] = job
+        self._images.render_ahead(job)
         self.stats.submits.append(SubmitRecord(job.request_id, body, job.submitted_at))
         base = self._faulty_origin(request) or self._base_url(request)
         return web.json_response(
@@ -416,6 +448,8 @@ class SegmindServer:
         self._admit(request)
         job = self._known_job(request)
         state = job.state_at(self.clock())
+        if state in ("QUEUED", "PROCESSING") and self.settings.early_result == "not_found":
+            return error_response(404, "the request has not completed yet")
         if state != "COMPLETED":
             return self._status_response(job, state)
         outputs = await self._outputs(job, request)
@@ -474,6 +508,7 @@ class SegmindServer:
         if find_blocked_word(params.prompt, self.settings.blocked_words):
             raise ApiError(400, RAI_ERROR)
         job = self._schedule_job(params, queue_seconds=0.0)
+        self._images.render_ahead(job)
         self.stats.sync_calls.append(SubmitRecord(job.request_id, body, job.submitted_at))
         await asyncio.sleep(max(0.0, job.ends_at - self.clock()))
         image = await self._images.sample(job, 0)
@@ -518,10 +553,14 @@ class SegmindServer:
         return web.json_response(settings_to_json(self.settings))
 
     async def _control_update_settings(self, request: web.Request) -> web.Response:
+        changes = await _control_json(request)
         try:
-            apply_settings_json(self.settings, await _control_json(request))
+            apply_settings_json(self.settings, changes)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from exc
+        if isinstance(changes, dict) and "seed" in changes:
+            # Even the same seed again restarts the draws, so a benchmark can replay a run.
+            self.reseed()
         return await self._control_settings(request)
 
 

@@ -33,6 +33,9 @@ class SegmindStats:
     requests: list[RequestRecord] = field(default_factory=list)
     status_polls: int = 0
     status_polls_by_id: Counter[str] = field(default_factory=Counter)
+    # 429s from the plan limit (requests_per_minute); injected rate_limit faults are not counted here,
+    # though like every answer they show in `requests` as status 429.
+    rate_limited: int = 0
 
     def reset(self) -> None:
         self.submits.clear()
@@ -40,6 +43,7 @@ class SegmindStats:
         self.requests.clear()
         self.status_polls = 0
         self.status_polls_by_id.clear()
+        self.rate_limited = 0
 
     def requests_to(self, *targets: str) -> list[RequestRecord]:
         """Requests aimed at any of these targets (all requests when none are named)."""
@@ -65,4 +69,5 @@ class SegmindStats:
             "requests": [asdict(record) for record in self.requests],
             "status_polls": self.status_polls,
             "status_polls_by_id": dict(self.status_polls_by_id),
+            "rate_limited": self.rate_limited,
         }

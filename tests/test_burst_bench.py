@@ -1,0 +1,20 @@
+"""The burst benchmark runs end to end on a handful of commands, and its figures add up."""
+
+from __future__ import annotations
+
+import math
+
+from devtools.bench.burst import burst_table, measure_burst
+
+QUICK_SEGMIND = {"queue_seconds": 0.2, "seconds_per_step": 0.01, "workers": 20}
+
+
+async def test_a_small_burst_is_measured_whole() -> None:
+    figures = await measure_burst(5, bot_env={"SEGMIND_MAX_POLL_SECONDS": "1"}, segmind=QUICK_SEGMIND)
+    assert (figures.store, figures.commands, figures.delivered, figures.failed) == ("SQLite", 5, 5, 0)
+    assert 0 < figures.ack_p50 <= figures.ack_p99 <= figures.ack_max
+    assert figures.cpu_per_job > 0 and figures.peak_rss > 10 * 2**20
+    assert math.isfinite(figures.delivery_lag_mean) and figures.delivery_lag_mean >= 0
+    assert figures.status_polls_per_job >= 1
+    table = burst_table([figures]).markdown()
+    assert "| SQLite | 5 in " in table and "5 (0)" in table
