@@ -434,8 +434,11 @@ class JobService:
             )
             on_its_way = True
 
+        # Worked out once: a long line tells every waiter of each change, so this must stay cheap.
+        expected_duration = self.client.expected_duration(request)
+
         def waiting_for_slot(position: int, seconds: float) -> None:
-            ready_at = self._clock() + seconds + self.client.expected_duration(request)
+            ready_at = self._clock() + seconds + expected_duration
             on_progress(Progress(ProgressKind.WAITING_FOR_SLOT, position=position, ready_at=ready_at))
 
         async def submit_and_record() -> tuple[JobRecord, SubmittedJob]:

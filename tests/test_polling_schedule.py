@@ -290,3 +290,29 @@ def test_unpredictable_jobs_are_noticed_as_soon_with_far_fewer_checks() -> None:
     adaptive, fixed = compare(draw, REQUEST)
     assert statistics.fmean(o.late for o in adaptive) <= statistics.fmean(o.late for o in fixed)
     assert statistics.fmean(o.checks for o in adaptive) <= 0.8 * statistics.fmean(o.checks for o in fixed)
+
+
+def test_a_job_put_back_in_the_queue_is_not_checked_ever_faster() -> None:
+    polls = schedule(taught([4.0 * i / 19 for i in range(20)], [10.0] * 20))
+    polls.observe(QUEUED, SUBMITTED_AT + 1.0)
+    polls.observe(PROCESSING, SUBMITTED_AT + 3.0)
+    polls.observe(QUEUED, SUBMITTED_AT + 5.0)  # requeued: it starts again, no sooner than now
+    end = polls.expected_end(SUBMITTED_AT + 5.0)
+    assert end is not None and end > SUBMITTED_AT + 15.0
+    at, gaps = SUBMITTED_AT + 5.0, []
+    for _ in range(20):
+        polls.observe(QUEUED, at)
+        gap = polls.next_delay(at)
+        gaps.append(gap)
+        at += gap
+    assert min(gaps[5:]) >= 0.5 and gaps[-1] >= gaps[5]
+
+
+def test_a_fixed_schedule_never_guesses_that_a_job_has_ended() -> None:
+    polls = FixedPollSchedule(1.0, submitted_at=SUBMITTED_AT, deadline_at=SUBMITTED_AT + 10.0)
+    assert not polls.likely_ended(SUBMITTED_AT + 9.0)
+
+
+def test_a_schedule_without_a_least_gap_is_refused() -> None:
+    with pytest.raises(ValueError):
+        schedule(min_interval=0.0)

@@ -264,4 +264,5 @@ async def test_two_shard_processes_never_send_more_than_the_limit_together(
     segmind = bot_processes.segmind
     await discord.wait_for(lambda: len(segmind.stats.requests) >= limit, timeout=20)
     await asyncio.sleep(3.0)  # room for the requests one process alone would still send
-    assert segmind.stats.max_requests_in_window(60.0) == limit
+    # Output downloads come from Segmind's file host and do not count against the plan.
+    assert segmind.stats.max_requests_in_window(60.0, targets=("submit", "status", "result")) == limit

@@ -174,7 +174,7 @@ async def run(plan: Plan) -> list[Table]:
         compared.notes.append(f"No Redis answered at {REDIS_URL}: the two-shard run was skipped.")
     _progress("a community's burst, both pollers")
     burst_env = {**NO_BUDGET, "QUOTA_MAX_CONCURRENT": "2"}
-    burst_segmind = {**SEGMIND_TIMING, "inference_range": (20.0, 40.0)} if plan.burst_commands > 100 else {}
+    burst_segmind = SEGMIND_TIMING if plan.burst_commands > 100 else {}
     ours_burst = await measure_burst(plan.burst_commands, bot_env=burst_env, segmind=burst_segmind)
     fixed_burst = await measure_burst(
         plan.burst_commands, bot_env={**burst_env, **FIXED_POLLER_ENV}, segmind=burst_segmind

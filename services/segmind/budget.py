@@ -9,7 +9,7 @@ import itertools
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum
@@ -95,6 +95,7 @@ class RequestBudget:
         # Sorted by (priority, the asker's turn, arrival); the ticket is the last element.
         self._line: list[_LineEntry] = []
         self._arrivals = itertools.count()
+        self._waiting_by_asker: Counter[int] = Counter()
         self._changed = asyncio.Condition()
         self._paused_until = 0.0
         self.shared = shared
@@ -122,8 +123,15 @@ class RequestBudget:
         within the last window counts as full."""
         now = self._clock()
         self._forget_old(now)
-        local = (len(self._sent) + len(self._line)) / self.per_minute
+        # Submits held back for room are not demand on the window until room is made.
+        submits = len(self._line) - self._first_submit()
+        sendable = min(submits, max(0, self._limit_for(Priority.SUBMIT) - len(self._sent)))
+        local = (len(self._sent) + self._first_submit() + sendable) / self.per_minute
         return max(local, 1.0) if now - self._shared_full_at < self.window else local
+
+    def _first_submit(self) -> int:
+        """The index of the first submit in line: everything before it is work already at Segmind."""
+        return bisect.bisect_left(self._line, (int(Priority.SUBMIT), -1, -1), key=_line_order)
 
     def pause_for(self, seconds: float) -> None:
         # `not > 0` also rejects NaN; the cap keeps one 429 with a far reset from stalling every job.
@@ -166,13 +174,15 @@ class RequestBudget:
         """
         give_up_at = None if max_wait is None else self._clock() + max(0.0, max_wait)
         ticket = object()
-        turn = 0 if asker is None else sum(1 for entry in self._line if entry[2] == hash(asker))
-        entry = (int(priority), turn, hash(asker) if asker is not None else -1, next(self._arrivals), ticket)
+        who = -1 if asker is None else hash(asker)
+        turn = 0 if asker is None else self._waiting_by_asker[who]
+        entry = (int(priority), turn, who, next(self._arrivals), ticket)
         bisect.insort(self._line, entry, key=_line_order)
+        self._waiting_by_asker[who] += 1
         try:
             while True:
                 async with self._changed:
-                    position = self._line.index(entry) + 1
+                    position = bisect.bisect_left(self._line, _line_order(entry), key=_line_order) + 1
                     limit = self._limit_for(priority)
                     expected = self._expected_delay(position, limit)
                     if position == 1 and expected <= 0 and not self._sharing():
@@ -192,16 +202,26 @@ class RequestBudget:
                     recheck = ROOM_RECHECK_SECONDS if limit < self.per_minute else None
                     await self._wait_turn(1, expected, give_up_at, on_wait, recheck)
         finally:
-            if entry in self._line:
-                self._line.remove(entry)
+            self._waiting_by_asker[who] -= 1
+            if self._waiting_by_asker[who] <= 0:
+                del self._waiting_by_asker[who]
+            if self._remove(entry):
                 async with self._changed:
                     self._changed.notify_all()
 
     def _grant(self, entry: _LineEntry) -> None:
         """Under the lock: the slot is spent, and the next in line learns it is at the head."""
         self._sent.append(self._clock())
-        self._line.remove(entry)
+        self._remove(entry)
         self._changed.notify_all()
+
+    def _remove(self, entry: _LineEntry) -> bool:
+        """Takes the entry out of the line (found by bisection: lines can be a thousand long)."""
+        index = bisect.bisect_left(self._line, _line_order(entry), key=_line_order)
+        if index < len(self._line) and self._line[index] is entry:
+            del self._line[index]
+            return True
+        return False
 
     async def _wait_turn(
         self,
@@ -225,7 +245,9 @@ class RequestBudget:
                 )
             timeout = remaining if timeout is None else min(timeout, remaining)
         if on_wait is not None:
-            on_wait(position, expected)
+            # A member's place counts the submits ahead, not the checks of jobs already sent.
+            first = self._first_submit()
+            on_wait(position - first if position > first else position, expected)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout=timeout)
 
@@ -257,9 +279,9 @@ class RequestBudget:
             return 0.0
         # Far more than a window or a pause can last would be a broken reply, not a reason to stall.
         wait = min(wait, self.window + self.max_pause)
-        self._shared_full_at = self._clock()
         if limit >= self.per_minute:
             # The window is full for everyone; a submit held back for room is held back alone.
+            self._shared_full_at = self._clock()
             self._shared_until = self._clock() + wait
         return wait
 
@@ -283,15 +305,17 @@ class RequestBudget:
         """
         now = self._clock()
         self._forget_old(now)
-        sends = list(self._sent)
-        grant = now
-        for _ in range(position):
-            allowed = max(1, limit) if position == 1 else self.per_minute
-            grant = max(now, self._paused_until, self._shared_until)
-            if len(sends) >= allowed:
-                grant = max(grant, sends[-allowed] + self.window)
-            sends.append(grant)
-        return grant - now
+        allowed = max(1, limit) if position == 1 else self.per_minute
+        earliest = max(now, self._paused_until, self._shared_until)
+        # The sends that must leave the window before this caller's turn: the window repeats itself, each
+        # send making room again one window after it was made.
+        waits_for = position - 1 - (allowed - len(self._sent))
+        if waits_for < 0:
+            return earliest - now
+        if not self._sent:
+            return earliest + self.window * (waits_for // allowed + 1) - now
+        windows, index = divmod(waits_for, len(self._sent))
+        return max(earliest, self._sent[index] + self.window * (windows + 1)) - now
 
     def _forget_old(self, now: float) -> None:
         while self._sent and self._sent[0] <= now - self.window:

@@ -56,6 +56,8 @@ SMALL_BODY_LIMIT = 1 * MiB  # submit and status answers are a few hundred bytes
 RESULT_BODY_LIMIT = 64 * MiB  # result answers carry every image in base64 when base64=true
 V1_BODY_LIMIT = 32 * MiB  # v1 answers are one image (bytes, or JSON with base64)
 VERIFY_TIMEOUT = 5.0
+# Odd answers in a row from result URLs of unfinished jobs before they are no longer used as checks.
+EARLY_RESULT_MISSES = 3
 # A job at Segmind will still need about this many requests: a status check and its result (one request
 # when the check is made at the result URL).
 FOLLOW_UPS_PER_JOB = 2
@@ -159,6 +161,7 @@ class SegmindClient:
         # While the budget is busy, a job that has likely ended is checked at its result URL, which saves
         # the separate result request; off for good once Segmind is seen not to answer that way.
         self.early_results = True
+        self._early_misses = 0
         # Jobs whose submit was granted and which are not waited on yet, and jobs being waited on: what
         # the budget keeps room for before it grants another submit.
         self._sending = 0
@@ -377,7 +380,8 @@ class SegmindClient:
             job.request,
             submitted_at=job.submitted_at,
             deadline_at=deadline_at,
-            min_interval=MIN_POLL_INTERVAL,
+            # No job checks more often than the plan could serve every job at once.
+            min_interval=max(MIN_POLL_INTERVAL, self.budget.min_spacing),
             max_interval=self.max_poll_interval,
         )
 
@@ -416,7 +420,10 @@ class SegmindClient:
         except (BadRequest, NotFound, UnexpectedResponse) as error:
             state = await self._check(job, schedule)
             if state is not SegmindState.COMPLETED:
-                self.early_results = False
+                # One odd answer (a proxy's error page) is not Segmind's way: a few in a row are.
+                self._early_misses += 1
+                self.early_results = self._early_misses < EARLY_RESULT_MISSES
+            if not self.early_results:
                 log.warning(
                     "segmind %s: the result URL answered %s for a job that is %s; checking status only",
                     job.request_id,
@@ -424,6 +431,7 @@ class SegmindClient:
                     state,
                 )
             return state, None
+        self._early_misses = 0
         if state is not SegmindState.COMPLETED:
             return state, None
         metrics = body.get("metrics") if isinstance(body.get("metrics"), dict) else {}

@@ -124,6 +124,8 @@ class PollSchedule:
         max_interval: float,
         lateness: float = LATENESS_PER_CHECK,
     ) -> None:
+        if not min_interval > 0:
+            raise ValueError("min_interval must be a positive number of seconds")
         self.submitted_at = submitted_at
         self.deadline_at = deadline_at
         self.min_interval = min_interval
@@ -145,6 +147,8 @@ class PollSchedule:
         self._checked_at = at
         if state is SegmindState.QUEUED:
             self._queued_seen_at = at
+            # QUEUED after PROCESSING: put back in the queue; it starts again, later.
+            self.processing_seen_at = None
         elif state is SegmindState.PROCESSING and self.processing_seen_at is None:
             self.processing_seen_at = at
         self.state = state
@@ -157,9 +161,9 @@ class PollSchedule:
         at the end, only once the job has most likely ended (BUSY_QUANTILE of its possible ends), so a
         job costs about one check and the room goes to results and submits.
         """
-        delay = poll_delay(
-            self._ends, at, lateness=self.lateness, min_interval=self.min_interval, max_interval=self.max_interval
-        )
+        # The least gap is between two checks of this job; the first one goes when the estimate says.
+        least = self.min_interval if self.state is not None else min(self.min_interval, MIN_POLL_INTERVAL)
+        delay = poll_delay(self._ends, at, lateness=self.lateness, min_interval=least, max_interval=self.max_interval)
         if self._probe_start and self.processing_seen_at is None and busy <= 0:
             # Seeing the start soon after it happened narrows the end to the run's own spread, which saves
             # more checks near the end than this one costs.
@@ -167,7 +171,7 @@ class PollSchedule:
                 self._starts,
                 at,
                 lateness=self.lateness * START_LATENESS_FACTOR,
-                min_interval=self.min_interval,
+                min_interval=least,
                 max_interval=self.max_interval,
             )
             delay = min(delay, probe)
@@ -227,6 +231,9 @@ class FixedPollSchedule:
 
     def next_delay(self, at: float, *, busy: float = 0.0) -> float:
         return max(0.0, min(self.interval, self.time_left(at)))
+
+    def likely_ended(self, at: float) -> bool:
+        return False  # nothing is estimated: every check is a status check
 
     def expected_end(self, at: float) -> float | None:
         return None
