@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import re
 import signal
 import tempfile
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from devtools.bench.process import cpu_seconds, machine_cpu_seconds, peak_rss
 from devtools.bench.report import Table, mebibytes, median, millis, percentile, seconds
 from devtools.fakes.discord.models import CALLBACK_DEFERRED_CHANNEL_MESSAGE, InteractionHandle
 from devtools.fakes.discord.server import DEFAULT_USER_ID
@@ -68,7 +68,6 @@ BOT_ENV = {
 }
 SEGMIND_SETTINGS: dict[str, object] = {"queue_seconds": 2.0, "seconds_per_step": 0.2, "workers": 2000}
 _STALL = re.compile(r"event loop blocked for (\d+) ms")
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -145,17 +144,17 @@ async def _burst(env: StandIns, bot: BotProcess, commands: int, store: str) -> B
     warm_up_requests = len(discord.requests)
 
     watcher = _DriverWatch()
-    cpu_before = _cpu_seconds(bot)
-    machine_before, wall_before, driver_before = _machine_cpu_seconds(), time.monotonic(), time.process_time()
+    cpu_before = cpu_seconds(bot.process.pid)
+    machine_before, wall_before, driver_before = machine_cpu_seconds(), time.monotonic(), time.process_time()
     async with watcher.watching():
         handles = await _send_spread(env, commands)
         await _wait_for_each(handles, lambda h: h.acknowledged, ACK_TIMEOUT)
         await _wait_for_each(handles, _answered, DELIVERY_TIMEOUT)
-    cpu_after = _cpu_seconds(bot)
-    machine_used = _machine_cpu_seconds() - machine_before
+    cpu_after = cpu_seconds(bot.process.pid)
+    machine_used = machine_cpu_seconds() - machine_before
     others = machine_used - (cpu_after - cpu_before) - (time.process_time() - driver_before)
     others_share = max(0.0, others) / (time.monotonic() - wall_before)
-    peak_rss = _peak_rss(bot)
+    rss = peak_rss(bot.process.pid)
     await bot.end(signal.SIGTERM, timeout=30)
 
     acks = [h.callback.time - h.created_at for h in handles if h.callback is not None]
@@ -175,7 +174,7 @@ async def _burst(env: StandIns, bot: BotProcess, commands: int, store: str) -> B
         longest_stall=max(stalls) if stalls else None,
         stall_warnings=len(stalls),
         cpu_per_job=(cpu_after - cpu_before) / commands,
-        peak_rss=peak_rss,
+        peak_rss=rss,
         delivery_lag_mean=sum(lags) / len(lags) if lags else float("nan"),
         delivery_lag_p95=percentile(lags, 0.95),
         progress_edits_per_job=_progress_edits(env, skip=warm_up_requests) / commands,
@@ -306,26 +305,6 @@ def _prompt_of(payload: dict[str, Any]) -> str:
 
 def _number(handle: InteractionHandle) -> int:
     return int(handle.user["id"]) - DEFAULT_USER_ID - 1
-
-
-def _cpu_seconds(bot: BotProcess) -> float:
-    # Fields 14 and 15 of /proc/<pid>/stat (utime, stime), counted after the ")" that ends the name.
-    fields = Path(f"/proc/{bot.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-
-
-def _machine_cpu_seconds() -> float:
-    # The first line of /proc/stat: user, nice, system, idle, iowait, irq, softirq, steal, ... in ticks.
-    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    busy = sum(fields[:3]) + sum(fields[5:8])
-    return busy / _CLOCK_TICKS
-
-
-def _peak_rss(bot: BotProcess) -> int:
-    for line in Path(f"/proc/{bot.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _copy_log(bot: BotProcess, to: Path) -> None:

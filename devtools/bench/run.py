@@ -118,7 +118,7 @@ def plan_for(quick: bool) -> Plan:
         unpredictable=Workload(
             "unpredictable",
             {**timing, "inference_range": unpredictable_range},
-            burst_commands(6 if quick else 300, 1.0 if quick else 3.0, seed=2, options=ONE_IMAGE),
+            burst_commands(6 if quick else 300, 1.0 if quick else 3.0, options=ONE_IMAGE),
             warm_up=warm_up(2 if quick else 12, ONE_IMAGE),
             bot_env=NO_BUDGET,
         ),

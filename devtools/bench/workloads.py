@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import random
 import statistics
 import tempfile
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devtools.bench.process import cpu_seconds, peak_rss
 from devtools.fakes.discord.models import InteractionHandle, RecordedRequest
 from devtools.fakes.discord.server import DiscordStandIn
 from devtools.fakes.segmind.server import SegmindServer
@@ -168,9 +168,8 @@ def poisson_commands(count: int, mean_gap: float, seed: int) -> list[Command]:
     return commands
 
 
-def burst_commands(count: int, within: float, seed: int, *, options: dict[str, object]) -> list[Command]:
+def burst_commands(count: int, within: float, *, options: dict[str, object]) -> list[Command]:
     """`count` commands from as many members, spread evenly over `within` seconds."""
-    del seed
     return [
         Command(within * n / count, FIRST_MEMBER + n, {**options, "prompt": f"burst job {n}"})
         for n in range(count)
@@ -241,12 +240,12 @@ async def _drive(
         await _send_all(workload, discord, workload.warm_up)
         segmind.stats.reset()
         discord.requests.clear()
-    cpu_before = sum(_cpu_seconds(p.process.pid) for p in processes)
+    cpu_before = sum(cpu_seconds(p.process.pid) for p in processes)
     started = time.monotonic()
     handles = await _send_all(workload, discord, workload.commands)
     last_answer = max((r.time for r in discord.requests if r.method in ("PATCH", "POST")), default=started)
-    cpu = sum(_cpu_seconds(p.process.pid) for p in processes) - cpu_before
-    rss = max(_peak_rss(p.process.pid) for p in processes)
+    cpu = sum(cpu_seconds(p.process.pid) for p in processes) - cpu_before
+    rss = max(peak_rss(p.process.pid) for p in processes)
     records = _Records.index(discord, segmind, [handle.token for _, handle in handles])
     return RunFigures(
         workload=workload,
@@ -340,26 +339,6 @@ def _job_figures(
         status_calls=len(checks),
         generating_shown_after=shown_after,
     )
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a running process, from /proc (0 where there is no /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    # After the command name: state is field 3, utime 14 and stime 15 (1-based, man proc).
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _peak_rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def mean(values: Sequence[float]) -> float:
