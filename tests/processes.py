@@ -39,11 +39,15 @@ async def bot_processes(tmp_path: Path) -> AsyncIterator[BotLauncher]:
 
 
 async def wait_for_first_poll(processes: BotLauncher) -> None:
-    """Until Segmind has been asked about the first submitted job. The bot polls only after it recorded the
+    """Until Segmind has been asked about the first submitted job. The bot checks only after it recorded the
     request id, so a kill from here on is a kill mid-job, not one between Segmind's answer and the record."""
 
     def polled() -> bool:
-        submits = processes.segmind.stats.submits
-        return bool(submits) and processes.segmind.stats.status_polls_by_id[submits[0].request_id] > 0
+        stats = processes.segmind.stats
+        if not stats.submits:
+            return False
+        # At its status URL, or at its result URL (where a busy bot checks a job that has likely ended).
+        request_id = stats.submits[0].request_id
+        return any(request_id in record.path for record in stats.requests_to("status", "result"))
 
     await processes.discord.wait_for(polled, timeout=20)

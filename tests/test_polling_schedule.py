@@ -60,6 +60,33 @@ def schedule(
 # --- the rule ---------------------------------------------------------------------------------------
 
 
+def test_one_finished_job_moves_the_estimate_to_where_it_ended_before_its_spread_is_known() -> None:
+    model = DurationModel()
+    prior = model.run_candidates(REQUEST)
+    model.learn(REQUEST, {"inference_time": 40.0, "queue_time": 1.0})
+    runs = model.run_candidates(REQUEST)
+    # The prior says a few seconds; one job of 40 s says where runs lie, the prior's shape how they spread.
+    assert max(prior) < 10.0
+    assert min(runs) >= 40.0 * 0.65 and max(runs) <= 40.0 * 1.35
+
+
+def test_jobs_sent_while_little_was_known_follow_what_is_learnt_while_they_wait() -> None:
+    model = DurationModel()
+    polls = schedule(model, max_interval=60.0)
+    polls.observe(QUEUED, SUBMITTED_AT + 1.0)
+    before = polls.expected_end(SUBMITTED_AT + 1.0)
+    # Meanwhile, other jobs finish: they queued 1 s and ran 30 s.
+    for _ in range(SAMPLES_TRUSTED):
+        model.learn(REQUEST, {"inference_time": 30.0, "queue_time": 1.0})
+    polls.observe(PROCESSING, SUBMITTED_AT + 2.0)
+    after = polls.expected_end(SUBMITTED_AT + 2.0)
+    assert before is not None and after is not None
+    assert before < SUBMITTED_AT + 15.0
+    assert SUBMITTED_AT + 30.0 < after <= SUBMITTED_AT + 32.0
+    # Nothing is checked before the learnt end can have come.
+    assert polls.next_delay(SUBMITTED_AT + 2.0) >= 28.0
+
+
 def test_a_job_that_cannot_have_ended_is_not_checked_before_it_can() -> None:
     polls = schedule(steady(queue=2.0, run=10.0), max_interval=30.0)
     assert polls.next_delay(SUBMITTED_AT) == pytest.approx(12.0)

@@ -422,6 +422,19 @@ async def test_a_busy_budget_checks_a_likely_finished_job_at_its_result_url_and_
     assert client.early_results
 
 
+async def test_a_loop_running_behind_checks_a_likely_finished_job_at_its_result_url_like_a_busy_budget(
+    server: SegmindServer, session: aiohttp.ClientSession
+) -> None:
+    client = make_client(session, server.base_url)
+    client.loop_load = lambda: 1.0
+    job = await client.submit(GenerationRequest(prompt="the loop is busy", img_width=512, img_height=512))
+    events = await run_to_completion(client, job)
+
+    assert events[-1].result is not None and events[-1].result.outputs
+    mine = [r for r in server.stats.requests_to("status", "result") if job.request_id in r.path]
+    assert mine and all(r.target == "result" for r in mine)
+
+
 async def test_a_result_url_that_does_not_answer_early_sends_the_client_back_to_status_checks(
     session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:

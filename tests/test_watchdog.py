@@ -13,7 +13,8 @@ import pytest
 
 from cogs.app import FULL_COLLECTION_EVERY
 from devtools.stack import running_bot, sqlite_url, stand_ins
-from services.watchdog import LoopWatchdog
+from services.segmind.inflight import INITIAL_IN_FLIGHT
+from services.watchdog import LOAD_FROM_SECONDS, LoopWatchdog
 from tests.conftest import CREDENTIALS
 
 BLOCKED = re.compile(r"event loop blocked for (\d+) ms")
@@ -64,6 +65,25 @@ async def test_stalls_under_the_threshold_are_not_logged(caplog: pytest.LogCaptu
     assert watchdog.longest > 0
 
 
+async def test_a_loop_running_behind_shows_in_its_load_and_is_told_at_every_tick() -> None:
+    watchdog = LoopWatchdog(threshold_ms=1000, tick=0.02)
+    told: list[float] = []
+    watchdog.on_tick = told.append
+    watchdog.start()
+    try:
+        await asyncio.sleep(0.2)
+        assert watchdog.load() == 0.0 and told and max(told) < LOAD_FROM_SECONDS
+        await asyncio.sleep(0.05)
+        time.sleep(0.3)  # noqa: ASYNC251 -- the blocking call whose effect the test is about
+        await asyncio.sleep(0)
+        await asyncio.sleep(0.03)
+        assert watchdog.load() > 0.2
+    finally:
+        await watchdog.stop()
+    # Smoothed: one late tick counts for a part of its lateness, and on-time ticks wear it off.
+    assert max(told) < 0.3
+
+
 def test_the_threshold_must_be_positive() -> None:
     with pytest.raises(ValueError, match="threshold_ms"):
         LoopWatchdog(threshold_ms=0)
@@ -80,6 +100,8 @@ async def test_the_bot_watches_its_loop_from_start_to_close(
         assert stack.bot.watchdog.running
         assert stack.bot.watchdog.threshold_ms == 100
         await block_the_loop(BLOCK_SECONDS)
+        # Requests to Segmind follow the loop: fewer at once while it ran behind.
+        assert stack.bot.segmind.in_flight.limit < INITIAL_IN_FLIGHT
         await stack.stop()
         assert not stack.bot.watchdog.running
     assert any(stall >= BLOCK_SECONDS * 1000 / 2 for stall in blocked_for(caplog)), caplog.text

@@ -90,6 +90,7 @@ class BurstFigures:
     delivery_lag_p95: float
     progress_edits_per_job: float  # edits of the original response without files (the progress line)
     status_polls_per_job: float  # Segmind status checks
+    results_per_job: float  # Segmind result requests: one per job, more when checks go to the result URL
     driver_lag_max: float  # the driver's own event loop, during the burst
     driver_cpu_share: float  # the driver's CPU time over wall time, during the burst (1.0 = one core)
     others_cpu_share: float  # every other process on the machine, likewise: their load skews every figure
@@ -142,6 +143,7 @@ async def _burst(env: StandIns, bot: BotProcess, commands: int, store: str) -> B
     await discord.wait_for(lambda: _answered(warm_up), WARM_UP_TIMEOUT)
     warm_up_uploads = len(_uploads(env))
     warm_up_requests = len(discord.requests)
+    warm_up_results = len(env.segmind.stats.requests_to("result"))
 
     watcher = _DriverWatch()
     cpu_before = cpu_seconds(bot.process.pid)
@@ -179,6 +181,7 @@ async def _burst(env: StandIns, bot: BotProcess, commands: int, store: str) -> B
         delivery_lag_p95=percentile(lags, 0.95),
         progress_edits_per_job=_progress_edits(env, skip=warm_up_requests) / commands,
         status_polls_per_job=_status_polls(env, handles) / commands,
+        results_per_job=(len(env.segmind.stats.requests_to("result")) - warm_up_results) / commands,
         driver_lag_max=watcher.lag_max,
         driver_cpu_share=watcher.cpu_share,
         others_cpu_share=others_share,
@@ -407,7 +410,7 @@ def figures_lines(figures: BurstFigures) -> list[str]:
         f"bot CPU {figures.cpu_per_job * 1000:.2f} ms per job, peak RSS {figures.peak_rss / 2**20:.0f} MiB",
         f"delivery lag mean {figures.delivery_lag_mean:.3f} s, p95 {figures.delivery_lag_p95:.3f} s",
         f"per job: {figures.progress_edits_per_job:.2f} progress edits, "
-        f"{figures.status_polls_per_job:.2f} Segmind status checks",
+        f"{figures.status_polls_per_job:.2f} Segmind status checks, {figures.results_per_job:.2f} result requests",
         f"driver: loop late up to {figures.driver_lag_max * 1000:.0f} ms, "
         f"CPU {figures.driver_cpu_share:.0%} of a core; other processes {figures.others_cpu_share:.0%}",
         *figures.notes,

@@ -6,7 +6,9 @@ one has its final answer. What each job cost and how late it was is read from th
 
 * delivered after: from the job's end on the Segmind stand-in (its timeline's `ends_at`) to the arrival of
   the upload of its images at the Discord stand-in;
-* status calls: the status GETs the Segmind stand-in counted for the job's request id;
+* status calls: the GETs the Segmind stand-in answered about the job's request id (at its status URL, or at
+  its result URL, where a busy bot checks a job that has likely ended), less the one result fetch every
+  job needs;
 * acknowledged after: from the interaction's creation to the deferral's arrival;
 * submitted after: from the interaction's creation to the submit's arrival (what a member waits for a turn);
 * "Generating" shown after: from the first status check that could have seen the job running to the first
@@ -304,10 +306,11 @@ class _Records:
                     by_token[part].append(request)
                     break
         checks: dict[str, list[float]] = {}
-        for record in segmind.stats.requests_to("status"):
-            parts = record.path.split("/")
-            if len(parts) >= 2:
-                checks.setdefault(parts[-2], []).append(record.time)
+        for record in segmind.stats.requests_to("status", "result"):
+            # /v2/requests/{id}/status or /v2/requests/{id}
+            parts = record.path.rstrip("/").split("/")
+            request_id = parts[-2] if record.target == "status" else parts[-1]
+            checks.setdefault(request_id, []).append(record.time)
         submits = {str(s.payload.get("prompt")): s for s in segmind.stats.submits}
         return cls(by_token, checks, submits)
 
@@ -336,7 +339,8 @@ def _job_figures(
         acked_after=None if callback is None else callback.time - handle.created_at,
         submitted_after=None if submit is None else submit.time - handle.created_at,
         lag=lag,
-        status_calls=len(checks),
+        # Every job's result is fetched once, by a result request of its own or by the last check.
+        status_calls=max(0, len(checks) - 1),
         generating_shown_after=shown_after,
     )
 

@@ -31,6 +31,7 @@ from services.segmind.errors import (
     SegmindError,
     UnexpectedResponse,
 )
+from services.segmind.inflight import InFlightGate
 from services.segmind.schedule import (
     MIN_POLL_INTERVAL,
     DurationModel,
@@ -161,6 +162,7 @@ class SegmindClient:
         # While the budget is busy, a job that has likely ended is checked at its result URL, which saves
         # the separate result request; off for good once Segmind is seen not to answer that way.
         self.early_results = True
+        self.loop_load: Callable[[], float] = lambda: 0.0
         self._early_misses = 0
         # Jobs whose submit was granted and which are not waited on yet, and jobs being waited on: what
         # the budget keeps room for before it grants another submit.
@@ -171,6 +173,11 @@ class SegmindClient:
 
     def __repr__(self) -> str:
         return f"SegmindClient(base_url={self.base_url!r}, model={self.model!r})"
+
+    @property
+    def in_flight(self) -> InFlightGate:
+        """Requests on their way to Segmind at once; output downloads take a slot too, as results."""
+        return self._transport.in_flight
 
     @property
     def budget(self) -> RequestBudget:
@@ -396,7 +403,8 @@ class SegmindClient:
 
     def _budget_busy(self) -> float:
         """0 while the budget has room, rising to 1 as its window fills past BUSY_BUDGET."""
-        return min(1.0, max(0.0, (self.budget.utilisation() - BUSY_BUDGET) / (1 - BUSY_BUDGET)))
+        budget = (self.budget.utilisation() - BUSY_BUDGET) / (1 - BUSY_BUDGET)
+        return min(1.0, max(0.0, budget, self.loop_load()))
 
     async def _check(self, job: SubmittedJob, schedule: PollSchedule | FixedPollSchedule) -> SegmindState:
         """One status check."""

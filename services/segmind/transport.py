@@ -35,6 +35,7 @@ from services.segmind.errors import (
     ServerError,
     UnexpectedResponse,
 )
+from services.segmind.inflight import InFlightGate
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ class Transport:
     * Bodies are read with a size cap, every request has a timeout, and a malformed or oversized answer to
       a GET is retried like a 5xx.
     * Every request, redirect hops and retries included, takes a slot of `budget`; a 429 pauses the whole
-      budget, for at most its `max_pause`.
+      budget, for at most its `max_pause`. Then it waits for a slot of `in_flight`, by the same priority.
     * GETs are retried (`retry`); a request that is not idempotent is sent again only when the connection
       never opened, since Segmind has no idempotency key and a second submit is billed twice.
     """
@@ -186,6 +187,7 @@ class Transport:
         budget: RequestBudget,
         retry: RetryPolicy,
         timeout: aiohttp.ClientTimeout,
+        in_flight: InFlightGate | None = None,
     ) -> None:
         if _origin(base_url) is None:
             raise ValueError("base_url must be an absolute http(s) URL")
@@ -195,6 +197,7 @@ class Transport:
         self.budget = budget
         self.retry = retry
         self.timeout = timeout
+        self.in_flight = in_flight or InFlightGate()
 
     def __repr__(self) -> str:
         return f"Transport(base_url={self.base_url!r})"
@@ -290,9 +293,11 @@ class Transport:
                 priority=call.priority,
                 asker=call.asker,
             )
-            if call.before_send is not None:
-                await call.before_send()
-            reply = await self.exchange(call.method, url, call.payload, call.timeout, call.limit)
+            async with self.in_flight.slot(call.priority):
+                # Inside the slot: a submit recorded as on its way is on the wire a moment later.
+                if call.before_send is not None:
+                    await call.before_send()
+                reply = await self.exchange(call.method, url, call.payload, call.timeout, call.limit)
             if reply.status != 429:
                 return reply
             self.pause_budget(reply)

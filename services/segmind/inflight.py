@@ -1,0 +1,102 @@
+"""How many requests to Segmind are on the wire at once, and who goes next when that many are."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+from collections.abc import AsyncIterator
+
+from services.segmind.budget import Priority
+
+# Where the limit starts, and its bounds: a few requests always go, and past a few hundred at once the
+# answers alone would keep the loop busy, however far away Segmind is.
+INITIAL_IN_FLIGHT = 16
+LEAST_IN_FLIGHT = 4
+MOST_IN_FLIGHT = 256
+# How late the event loop may run before the limit comes down (by a fifth at a time; it goes up by one).
+LOOP_BEHIND_TARGET = 0.02
+DECREASE = 0.8
+
+
+class InFlightGate:
+    """At most `limit` requests in flight; those waiting go by `Priority`, then in order of arrival.
+
+    The request budget decides how many requests a minute may go; this decides how many at once. Without
+    it, a process running a thousand jobs sends a thousand checks together, their answers queue up on the
+    event loop, and a finished job's result and images wait behind checks of jobs still running. With it,
+    the loop's queue stays short, and whoever brings a finished image home goes first.
+
+    The limit follows the event loop (`adapt`, told how late the loop runs): it grows by one while the
+    loop keeps time and shrinks by a fifth while it runs behind, the way TCP finds a link's capacity. So a
+    Segmind a few milliseconds away gets a few requests at once and one across an ocean gets many, each
+    as many as this process can answer without falling behind.
+    """
+
+    def __init__(
+        self,
+        limit: int = INITIAL_IN_FLIGHT,
+        *,
+        least: int = LEAST_IN_FLIGHT,
+        most: int = MOST_IN_FLIGHT,
+        target: float = LOOP_BEHIND_TARGET,
+    ) -> None:
+        if not 1 <= least <= limit <= most:
+            raise ValueError("the limits must satisfy 1 <= least <= limit <= most")
+        self.limit = limit
+        self.least = least
+        self.most = most
+        self.target = target
+        self.in_flight = 0
+        self.waiting = 0
+        # A heap; entries of callers that gave up stay in it, done, until they come up and are skipped.
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: Priority) -> AsyncIterator[None]:
+        """Holds one of the `limit` slots for the block."""
+        await self._enter(priority)
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self._let_in()
+
+    def adapt(self, behind: float) -> None:
+        """The loop runs `behind` seconds late lately: the limit comes down, or goes up by one."""
+        if behind > self.target:
+            self.limit = max(self.least, int(self.limit * DECREASE))
+        elif self.waiting:
+            # Only a limit someone waits at is raised: an idle process would otherwise drift to the most.
+            self.limit = min(self.most, self.limit + 1)
+        self._let_in()
+
+    async def _enter(self, priority: Priority) -> None:
+        if self.in_flight < self.limit and not self.waiting:
+            self.in_flight += 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (int(priority), next(self._arrivals), future))
+        self.waiting += 1
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                # Let in just as it was cancelled: the slot goes to the next, or it is lost for good.
+                self.in_flight -= 1
+                self._let_in()
+            else:
+                future.cancel()
+                self.waiting -= 1
+            raise
+
+    def _let_in(self) -> None:
+        """Lets the first live waiters in, in order, while slots are free."""
+        while self._waiting and self.in_flight < self.limit:
+            _priority, _arrival, future = heapq.heappop(self._waiting)
+            if not future.done():
+                self.waiting -= 1
+                self.in_flight += 1
+                future.set_result(None)

@@ -1,0 +1,156 @@
+"""The in-flight gate: how many requests go to Segmind at once, who goes next, and how the limit moves."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from devtools.fakes.segmind.server import SegmindServer, SegmindServerSettings
+from services.request import GenerationRequest
+from services.segmind import Priority, RequestBudget, SegmindClient
+from services.segmind.inflight import InFlightGate
+
+
+async def hold(
+    gate: InFlightGate, priority: Priority, order: list[str], name: str, release: asyncio.Event
+) -> None:
+    async with gate.slot(priority):
+        order.append(name)
+        await release.wait()
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_no_more_than_the_limit_are_in_flight_at_once() -> None:
+    gate = InFlightGate(3, least=1)
+    release = asyncio.Event()
+    order: list[str] = []
+    tasks = [asyncio.create_task(hold(gate, Priority.STATUS, order, str(n), release)) for n in range(10)]
+    await settle()
+    assert len(order) == 3 and gate.in_flight == 3 and gate.waiting == 7
+    release.set()
+    await asyncio.gather(*tasks)
+    assert len(order) == 10 and gate.in_flight == 0 and gate.waiting == 0
+
+
+async def test_a_finished_jobs_result_goes_before_checks_and_submits_that_waited_longer() -> None:
+    gate = InFlightGate(1, least=1)
+    first, release = asyncio.Event(), asyncio.Event()
+    order: list[str] = []
+    busy = asyncio.create_task(hold(gate, Priority.STATUS, order, "busy", first))
+    await settle()
+    waiting = []
+    for name, priority in [
+        ("submit", Priority.SUBMIT),
+        ("status 1", Priority.STATUS),
+        ("result", Priority.RESULT),
+        ("status 2", Priority.STATUS),
+    ]:
+        waiting.append(asyncio.create_task(hold(gate, priority, order, name, release)))
+        await settle()
+    release.set()
+    first.set()
+    await asyncio.gather(busy, *waiting)
+    assert order == ["busy", "result", "status 1", "status 2", "submit"]
+
+
+async def test_a_caller_that_gives_up_while_waiting_takes_no_slot() -> None:
+    gate = InFlightGate(1, least=1)
+    first, release = asyncio.Event(), asyncio.Event()
+    order: list[str] = []
+    busy = asyncio.create_task(hold(gate, Priority.STATUS, order, "busy", first))
+    await settle()
+    quitter = asyncio.create_task(hold(gate, Priority.RESULT, order, "quitter", release))
+    stayer = asyncio.create_task(hold(gate, Priority.SUBMIT, order, "stayer", release))
+    await settle()
+    quitter.cancel()
+    await settle()
+    assert gate.waiting == 1
+    first.set()
+    release.set()
+    await asyncio.gather(busy, stayer)
+    assert order == ["busy", "stayer"] and gate.in_flight == 0
+
+
+async def test_a_caller_cancelled_as_it_is_let_in_passes_its_slot_on() -> None:
+    gate = InFlightGate(1, least=1)
+    first, release = asyncio.Event(), asyncio.Event()
+    order: list[str] = []
+    busy = asyncio.create_task(hold(gate, Priority.STATUS, order, "busy", first))
+    await settle()
+    unlucky = asyncio.create_task(hold(gate, Priority.RESULT, order, "unlucky", release))
+    after = asyncio.create_task(hold(gate, Priority.SUBMIT, order, "after", release))
+    await settle()
+    # The slot is handed to `unlucky` and, before it runs again, it is cancelled.
+    first.set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    unlucky.cancel()
+    release.set()
+    await asyncio.gather(busy, after)
+    with pytest.raises(asyncio.CancelledError):
+        await unlucky
+    assert "after" in order and gate.in_flight == 0 and gate.waiting == 0
+
+
+async def test_the_limit_shrinks_while_the_loop_runs_behind_and_grows_back_only_when_used() -> None:
+    gate = InFlightGate(20, least=4, most=30, target=0.02)
+    gate.adapt(0.05)
+    assert gate.limit == 16
+    for _ in range(20):
+        gate.adapt(0.05)
+    assert gate.limit == 4
+    # On time, but nothing waits and the slots are not used: no reason to allow more.
+    gate.adapt(0.0)
+    assert gate.limit == 4
+
+    release = asyncio.Event()
+    order: list[str] = []
+    tasks = [asyncio.create_task(hold(gate, Priority.STATUS, order, str(n), release)) for n in range(6)]
+    await settle()
+    assert len(order) == 4
+    gate.adapt(0.0)
+    await settle()
+    # One more allowed, and the longest waiter let in at once.
+    assert gate.limit == 5 and order == ["0", "1", "2", "3", "4"]
+    for _ in range(100):
+        gate.adapt(0.0)
+    await settle()
+    assert gate.limit == 6  # all six are in; the limit follows what is used, not what could be
+    release.set()
+    await asyncio.gather(*tasks)
+
+
+def test_limits_that_cannot_hold_are_refused() -> None:
+    for limit, least, most in [(0, 1, 4), (2, 3, 4), (5, 1, 4)]:
+        with pytest.raises(ValueError, match="limits"):
+            InFlightGate(limit, least=least, most=most)
+
+
+async def test_a_client_sends_no_more_requests_at_once_than_its_gate_allows_over_real_sockets() -> None:
+    server = SegmindServer(SegmindServerSettings())
+    await server.start()
+    slow = 0.3
+    try:
+        # Every submit takes `slow` seconds to answer: with two allowed at once, six go in three waves.
+        server.inject("slow", count=6, target="submit", seconds=slow)
+        async with aiohttp.ClientSession() as session:
+            client = SegmindClient(
+                session, api_key="key", base_url=server.base_url, budget=RequestBudget(10_000)
+            )
+            client.in_flight.limit = client.in_flight.least = 2
+            requests = [
+                GenerationRequest(prompt=f"at once {n}", img_width=512, img_height=512) for n in range(6)
+            ]
+            jobs = await asyncio.gather(*(client.submit(request) for request in requests))
+    finally:
+        await server.stop()
+    assert len({job.request_id for job in jobs}) == 6
+    arrivals = sorted(record.time for record in server.stats.requests_to("submit"))
+    waves = [arrivals[n] - arrivals[0] for n in (1, 2, 4)]
+    assert waves[0] < slow / 2 and waves[1] >= slow * 0.9 and waves[2] >= 2 * slow * 0.9, waves
