@@ -290,7 +290,7 @@ class DreamshaperBot(commands.AutoShardedBot):
         self.watchdog = LoopWatchdog(config.loop_stall_warning_ms)
         # A loop running behind makes every request dearer: fewer checks, and the loop's work in flight
         # follows what it can keep up with.
-        self.segmind.loop_load = self.watchdog.load
+        self.segmind.loop_load = lambda: max(self.watchdog.load(), self.segmind.in_flight.pressure())
         self.watchdog.on_tick = self.segmind.in_flight.adapt
         self.accepting_jobs = True
         self._shutdown: asyncio.Task[None] | None = None

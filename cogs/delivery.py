@@ -49,6 +49,8 @@ PROGRESS_TICK_SECONDS = 5.0
 # second, shared by every job's progress line: a few jobs tick freely, a thousand share them, so each job
 # costs a bounded few edits.
 PROGRESS_TICKS_PER_SECOND = 20.0
+# From this load of the loop watchdog on, state changes draw on that allowance too (see TickAllowance).
+LOOP_BEHIND_FOR_PROGRESS = 0.5
 # A loop turn longer than this means the loop is busy: the next job waits before it begins (StartLine).
 BUSY_TURN_SECONDS = 0.002
 MAX_START_HOLD_SECONDS = 0.05
@@ -68,16 +70,31 @@ class TickAllowance:
     A progress line changes state when the job moves on (waiting for a turn, rate limited, queued,
     generating); everything else it shows (the seconds so far, the estimate, the place in line) only
     ticks. State changes never ask for the allowance, so they always go first; ticks take what is left,
-    and one that finds none is skipped.
+    and one that finds none is skipped. While the event loop runs behind (`loop_behind`), state changes
+    ask for the allowance too, and one that finds none waits: the loop's time goes to the results that
+    are ready, and a job that finishes meanwhile needs no progress edit at all.
     """
 
-    def __init__(self, per_second: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        per_second: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        loop_behind: Callable[[], bool] = lambda: False,
+    ) -> None:
         if per_second <= 0:
             raise ValueError(f"per_second must be > 0, got {per_second}")
         self.per_second = per_second
+        self.loop_behind = loop_behind
         self._clock = clock
         self._tokens = per_second
         self._updated = clock()
+
+    def allows(self, *, change: bool) -> bool:
+        """Whether an edit may go now; `change`: it shows a change of state, not only a tick."""
+        if change and not self.loop_behind():
+            return True
+        return self.take()
 
     def take(self) -> bool:
         now = self._clock()
@@ -164,8 +181,14 @@ class ProgressMessage:
             state = self._pending_state
             if self._closed or text is None or text == self._shown:
                 continue
-            if state == self._shown_state and self._ticks is not None and not self._ticks.take():
-                continue  # only a tick, and the process has none to spare: the next one may find some
+            change = state != self._shown_state
+            if self._ticks is not None and not self._ticks.allows(change=change):
+                if change and self._pending is None:
+                    # Held, not lost: tried again an interval on, unless a newer change or the result
+                    # comes first.
+                    self._pending, self._pending_state = text, state
+                    await asyncio.sleep(self._interval)
+                continue  # a tick is skipped: the next one may find some allowance
             self._last_edit = time.monotonic()
             self._editing = True
             try:
@@ -293,7 +316,9 @@ class JobRunner(commands.Cog):
         self._running: dict[str, asyncio.Task[None]] = {}
         self._credits_reported_until = 0.0
         self._last_sweep_ended = -math.inf
-        self.progress_ticks = TickAllowance(PROGRESS_TICKS_PER_SECOND)
+        self.progress_ticks = TickAllowance(
+            PROGRESS_TICKS_PER_SECOND, loop_behind=lambda: bot.watchdog.load() >= LOOP_BEHIND_FOR_PROGRESS
+        )
         self._start_line = StartLine()
 
     async def cog_load(self) -> None:

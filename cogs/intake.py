@@ -72,7 +72,8 @@ async def _record_job(
         user_id=user.id,
         guild_id=interaction.guild_id,
         channel_id=interaction.channel_id,
-        request=request.to_payload(),
+        # The seed is drawn now, so the record the job runs from is the one it was reserved with.
+        request=request.with_concrete_seed().to_payload(),
         reservation_id=new_reservation_id(user.id),
         state=JobState.PENDING,
         created_at=now,

@@ -140,8 +140,8 @@ def decode_base64_image(value: str, index: int = 0) -> bytes:
 def check_image(data: bytes, index: int = 0) -> ImageInfo:
     """Decode every byte of `data` and return `(width, height, format)` (the picture's full size).
 
-    The pixels are not kept, so a JPEG is decoded at 1/8 scale: every coefficient is still read, which is
-    what finds a truncated file. `ImageBytes` remember the verdict (see `fit_for_upload`).
+    The pixels are not kept, so a JPEG is decoded at 1/8 scale and in grey: every coefficient is still
+    read, which is what finds a truncated file. `ImageBytes` remember the verdict (see `fit_for_upload`).
     """
     if isinstance(data, ImageBytes) and data.checked is not None:
         return data.checked
@@ -224,8 +224,9 @@ def _budget(limit_bytes: int) -> int:
 def _verify(data: bytes, index: int) -> ImageInfo:
     image = _open(data, index)
     info = ImageInfo(image.width, image.height, _format_of(image))
-    # Only a JPEG can be decoded at a reduced scale; draft() leaves other formats as they are.
-    image.draft(image.mode, (1, 1))
+    # Only a JPEG can be decoded at a reduced scale, and to grey (every component's data is still read, as
+    # they are interleaved, but one is turned into pixels); draft() leaves other formats as they are.
+    image.draft("L", (1, 1))
     _decode(image, index)
     return info
 

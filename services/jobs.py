@@ -294,7 +294,9 @@ class JobService:
     async def run(self, job: JobRecord, on_progress: ProgressCallback) -> GeneratedImages:
         """Submits, waits and fetches. The quota is committed once Segmind has billed, refunded otherwise."""
         request = GenerationRequest.from_payload(job.request).with_concrete_seed()
-        job = await self.record(job, request=request.to_payload(), state=JobState.PENDING)
+        if request.to_payload() != job.request:
+            # Recorded before the submit, so a resumed job is sent with the seed it was shown with.
+            job = await self.record(job, request=request.to_payload())
         log.info("job %s: pending (user %d, %d image(s))", job.id, job.user_id, request.samples)
         job, submitted = await self._submit(job, request, on_progress)
         return await self.follow(job, submitted, on_progress)
@@ -544,7 +546,7 @@ class JobService:
         for attempt in range(DOWNLOAD_ATTEMPTS):
             try:
                 # A finished job's images go before checks of running ones (see InFlightGate).
-                async with self.client.in_flight.slot(Priority.RESULT):
+                async with self.client.in_flight.slot(Priority.IMAGES):
                     return await fetch_output(
                         self._session,
                         self.outputs,

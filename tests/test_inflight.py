@@ -50,13 +50,30 @@ async def test_a_finished_jobs_result_goes_before_checks_and_submits_that_waited
         ("status 1", Priority.STATUS),
         ("result", Priority.RESULT),
         ("status 2", Priority.STATUS),
+        ("images", Priority.IMAGES),
     ]:
         waiting.append(asyncio.create_task(hold(gate, priority, order, name, release)))
         await settle()
     release.set()
     first.set()
     await asyncio.gather(busy, *waiting)
-    assert order == ["busy", "result", "status 1", "status 2", "submit"]
+    assert order == ["busy", "images", "result", "status 1", "status 2", "submit"]
+
+
+async def test_the_pressure_says_how_many_wait_for_each_slot() -> None:
+    gate = InFlightGate(2, least=1)
+    release = asyncio.Event()
+    order: list[str] = []
+    assert gate.pressure() == 0.0
+    tasks = [asyncio.create_task(hold(gate, Priority.STATUS, order, str(n), release)) for n in range(3)]
+    await settle()
+    assert gate.pressure() == 0.5
+    tasks += [asyncio.create_task(hold(gate, Priority.STATUS, order, str(n), release)) for n in range(3, 8)]
+    await settle()
+    assert gate.pressure() == 1.0
+    release.set()
+    await asyncio.gather(*tasks)
+    assert gate.pressure() == 0.0
 
 
 async def test_a_caller_that_gives_up_while_waiting_takes_no_slot() -> None:

@@ -1,5 +1,5 @@
-"""Progress under load: ticks share one allowance for the whole process, state changes never wait for it;
-jobs begin one at a time, in order."""
+"""Progress under load: ticks share one allowance for the whole process, state changes wait for it only
+while the loop runs behind; jobs begin one at a time, in order."""
 
 from __future__ import annotations
 
@@ -84,6 +84,36 @@ async def test_a_moving_place_in_line_only_ticks() -> None:
     await message.finish()
     assert len(edits.texts) == 2, edits.texts  # waiting (its first place), then queued
     assert "9th" in edits.texts[0] and "Queued" in edits.texts[1]
+
+
+async def test_a_loop_running_behind_holds_state_changes_for_the_allowance_and_loses_none() -> None:
+    clock = FakeClock()
+    behind = {"now": True}
+    allowance = TickAllowance(1, clock=clock, loop_behind=lambda: behind["now"])
+    allowance.take()  # spent, and frozen: nothing refills while the loop is behind
+    edits = Edits()
+    message = ProgressMessage(edits, interval=INTERVAL, ticks=allowance)
+    message.update(Progress(ProgressKind.QUEUED, request_id="r"))
+    await asyncio.sleep(INTERVAL * 4)
+    assert edits.texts == []  # held: the loop's time goes to results
+    message.update(Progress(ProgressKind.GENERATING, elapsed=1.0, request_id="r"))
+    behind["now"] = False
+    await asyncio.sleep(INTERVAL * 4)
+    await message.finish()
+    # Caught up: the latest state is shown, once; the one it replaced needs no edit any more.
+    assert len(edits.texts) == 1 and "Generating" in edits.texts[0], edits.texts
+
+
+async def test_a_job_that_finishes_while_its_change_is_held_costs_no_progress_edit() -> None:
+    clock = FakeClock()
+    allowance = TickAllowance(1, clock=clock, loop_behind=lambda: True)
+    allowance.take()
+    edits = Edits()
+    message = ProgressMessage(edits, interval=INTERVAL, ticks=allowance)
+    message.update(Progress(ProgressKind.GENERATING, elapsed=1.0, request_id="r"))
+    await asyncio.sleep(INTERVAL * 3)
+    await message.finish()
+    assert edits.texts == []
 
 
 async def test_jobs_begin_one_at_a_time_in_the_order_they_were_started() -> None:

@@ -435,6 +435,27 @@ async def test_a_loop_running_behind_checks_a_likely_finished_job_at_its_result_
     assert mine and all(r.target == "result" for r in mine)
 
 
+async def test_a_check_put_late_while_the_loop_was_behind_is_planned_again_when_it_catches_up(
+    server: SegmindServer, session: aiohttp.ClientSession
+) -> None:
+    client = make_client(session, server.base_url)
+    # Nothing learnt: the default priors spread this job's possible ends over seconds (queues of 2 s on
+    # average), and a busy process checks it only once it has most likely ended, about 6 s from now.
+    client.durations = DurationModel()
+    load = {"now": 1.0}
+    client.loop_load = lambda: load["now"]
+    started = time.monotonic()
+    job = await client.submit(GenerationRequest(prompt="behind, then not", img_width=512, img_height=512))
+    waiting = asyncio.create_task(run_to_completion(client, job))
+    await asyncio.sleep(0.3)
+    load["now"] = 0.0  # the burst has passed
+    events = await waiting
+    assert events[-1].result is not None
+    # The stand-in's job took well under a second; planned again, it is noticed within about one
+    # REPLAN_SECONDS, not at the check put late for the busy loop.
+    assert time.monotonic() - started < 3.0
+
+
 async def test_a_result_url_that_does_not_answer_early_sends_the_client_back_to_status_checks(
     session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -36,9 +36,10 @@ SHARED_RETRY_SECONDS = 15.0
 class Priority(IntEnum):
     """Who goes first when requests wait for the budget: work already at Segmind before new work."""
 
-    RESULT = 0  # a finished job's images, waiting to be fetched: the cheapest image there is
-    STATUS = 1  # a job Segmind is running (and billing) is checked before another is sent
-    SUBMIT = 2
+    IMAGES = 0  # a finished job's output files (not counted by the plan: only the in-flight gate sees it)
+    RESULT = 1  # a finished job's result, waiting to be fetched: the cheapest image there is
+    STATUS = 2  # a job Segmind is running (and billing) is checked before another is sent
+    SUBMIT = 3
 
 
 class SharedWindow(Protocol):

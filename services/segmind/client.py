@@ -65,6 +65,9 @@ FOLLOW_UPS_PER_JOB = 2
 # Once the budget's window is this full, status checks give way, more the fuller it gets, so results and
 # new submits still get through.
 BUSY_BUDGET = 0.5
+# While busy, how often a waiting job's next check is planned again (see SegmindClient._until_due).
+REPLAN_SECONDS = 1.0
+REPLAN_CHANGE = 0.25
 
 
 @dataclass(frozen=True)
@@ -355,7 +358,7 @@ class SegmindClient:
             now = time.monotonic()
             if schedule.expired(now):
                 raise JobTimeout(request_id=job.request_id, waited=now - job.submitted_at)
-            await asyncio.sleep(schedule.next_delay(now, busy=self._budget_busy()))
+            await self._until_due(schedule, now)
             result: JobResult | None = None
             if self.early_results and self._budget_busy() > 0 and schedule.likely_ended(time.monotonic()):
                 state, result = await self._check_result(job, schedule)
@@ -373,6 +376,23 @@ class SegmindClient:
                 return
             end = schedule.expected_end(seen_at)
             yield JobEvent(job.request_id, state, elapsed, expected_in=None if end is None else end - seen_at)
+
+    async def _until_due(self, schedule: PollSchedule | FixedPollSchedule, checked_at: float) -> None:
+        """Sleeps until the next check is due. While busy, the check is planned again every
+        REPLAN_SECONDS: pressure on the loop passes within seconds, and a check put late for it would
+        otherwise stay late when it has gone."""
+        planned_for = self._budget_busy()
+        due = checked_at + schedule.next_delay(checked_at, busy=planned_for)
+        while (wait := due - time.monotonic()) > 0:
+            if planned_for <= 0:
+                await asyncio.sleep(wait)
+                return
+            await asyncio.sleep(min(wait, REPLAN_SECONDS))
+            busy = self._budget_busy()
+            # Planned again only for a real change: a thousand waiting jobs wake every second meanwhile.
+            if abs(busy - planned_for) >= REPLAN_CHANGE:
+                planned_for = busy
+                due = checked_at + schedule.next_delay(checked_at, busy=busy)
 
     def expected_duration(self, request: GenerationRequest) -> float:
         """Seconds from submit to the images for a request like this one, from the jobs seen so far."""

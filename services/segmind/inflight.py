@@ -54,6 +54,11 @@ class InFlightGate:
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._arrivals = itertools.count()
 
+    def pressure(self) -> float:
+        """From 0 (nobody waits) to 1 (as many wait as are let in at once): how far demand exceeds what
+        the loop keeps up with."""
+        return min(1.0, self.waiting / self.limit)
+
     @contextlib.asynccontextmanager
     async def slot(self, priority: Priority) -> AsyncIterator[None]:
         """Holds one of the `limit` slots for the block."""
