@@ -28,7 +28,6 @@ from services.segmind import (
     InsufficientCredits,
     JobFailed,
     JobResult,
-    Priority,
     RateLimited,
     SegmindClient,
     SegmindError,
@@ -545,15 +544,15 @@ class JobService:
         """Output files are plain GETs, so a dropped connection or a 5xx is simply tried again."""
         for attempt in range(DOWNLOAD_ATTEMPTS):
             try:
-                # A finished job's images go before checks of running ones (see InFlightGate).
-                async with self.client.in_flight.slot(Priority.IMAGES):
-                    return await fetch_output(
-                        self._session,
-                        self.outputs,
-                        url,
-                        max_bytes=self.max_download_bytes,
-                        timeout=self.download_timeout,
-                    )
+                return await fetch_output(
+                    self._session,
+                    self.outputs,
+                    url,
+                    max_bytes=self.max_download_bytes,
+                    timeout=self.download_timeout,
+                    # A finished job's images go before checks of running ones (see InFlightGate).
+                    in_flight=self.client.in_flight,
+                )
             except OutputRefused as error:
                 log.warning("output %d: not fetched: %s", index + 1, error)
                 raise DownloadFailed(f"image {index + 1}: {error}") from error

@@ -10,6 +10,7 @@ pinned to it, so a name that resolves differently a second later (DNS rebinding)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import time
@@ -20,6 +21,8 @@ import aiohttp
 from yarl import URL
 
 from services.images import ImageBytes
+from services.segmind.budget import Priority
+from services.segmind.inflight import InFlightGate
 
 MAX_REDIRECTS = 5
 ALLOWED_SCHEMES = ("http", "https")
@@ -34,6 +37,11 @@ class OutputRefused(Exception):
 
 class RetryableOutput(Exception):
     """A failure worth another try: a dropped connection, a timeout, a 5xx."""
+
+
+def _slot(in_flight: InFlightGate | None) -> contextlib.AbstractAsyncContextManager[None]:
+    # Only the request itself holds a slot: the address is resolved (on a thread) before it.
+    return contextlib.nullcontext() if in_flight is None else in_flight.slot(Priority.IMAGES)
 
 
 def address_class(address: IPAddress) -> str | None:
@@ -105,6 +113,7 @@ async def fetch_output(
     *,
     max_bytes: int,
     timeout: float,
+    in_flight: InFlightGate | None = None,
 ) -> ImageBytes:
     """Downloads one output file, following at most MAX_REDIRECTS redirects, each checked by `policy`."""
     target = URL(url)
@@ -113,13 +122,16 @@ async def fetch_output(
         address = await policy.pinned_address(target)
         remaining = max(0.1, deadline - time.monotonic())
         try:
-            async with session.get(
-                target.with_host(str(address)),
-                headers={"Host": _host_header(target)},
-                server_hostname=target.host if target.scheme == "https" else None,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=remaining),
-            ) as response:
+            async with (
+                _slot(in_flight),
+                session.get(
+                    target.with_host(str(address)),
+                    headers={"Host": _host_header(target)},
+                    server_hostname=target.host if target.scheme == "https" else None,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=remaining),
+                ) as response,
+            ):
                 if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
                     target = URL(urljoin(str(target), response.headers["Location"]))
                     continue

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -10,7 +12,9 @@ import pytest
 from devtools.fakes.segmind.server import SegmindServer, SegmindServerSettings
 from services.request import GenerationRequest
 from services.segmind import Priority, RequestBudget, SegmindClient
+from services.segmind.errors import BudgetExhausted
 from services.segmind.inflight import InFlightGate
+from services.segmind.transport import GATE_GRACE_SECONDS
 
 
 async def hold(
@@ -115,11 +119,16 @@ async def test_a_caller_cancelled_as_it_is_let_in_passes_its_slot_on() -> None:
     assert "after" in order and gate.in_flight == 0 and gate.waiting == 0
 
 
-async def test_the_limit_shrinks_while_the_loop_runs_behind_and_grows_back_only_when_used() -> None:
+async def test_the_limit_shrinks_once_per_stall_and_grows_back_only_when_used() -> None:
     gate = InFlightGate(20, least=4, most=30, target=0.02)
     gate.adapt(0.05)
     assert gate.limit == 16
-    for _ in range(20):
+    # The same stall, still read late for a few ticks (the lateness is smoothed): one cut is enough.
+    gate.adapt(0.04)
+    gate.adapt(0.03)
+    assert gate.limit == 16
+    for _ in range(20):  # stall after stall
+        gate.adapt(0.0)
         gate.adapt(0.05)
     assert gate.limit == 4
     # On time, but nothing waits and the slots are not used: no reason to allow more.
@@ -150,24 +159,80 @@ def test_limits_that_cannot_hold_are_refused() -> None:
 
 
 async def test_a_client_sends_no_more_requests_at_once_than_its_gate_allows_over_real_sockets() -> None:
-    server = SegmindServer(SegmindServerSettings())
-    await server.start()
     slow = 0.3
-    try:
+    async with stand_in_client() as (server, client):
         # Every submit takes `slow` seconds to answer: with two allowed at once, six go in three waves.
         server.inject("slow", count=6, target="submit", seconds=slow)
-        async with aiohttp.ClientSession() as session:
-            client = SegmindClient(
-                session, api_key="key", base_url=server.base_url, budget=RequestBudget(10_000)
-            )
-            client.in_flight.limit = client.in_flight.least = 2
-            requests = [
-                GenerationRequest(prompt=f"at once {n}", img_width=512, img_height=512) for n in range(6)
-            ]
-            jobs = await asyncio.gather(*(client.submit(request) for request in requests))
-    finally:
-        await server.stop()
+        client.in_flight.limit = client.in_flight.least = 2
+        requests = [GenerationRequest(prompt=f"at once {n}", img_width=512, img_height=512) for n in range(6)]
+        jobs = await asyncio.gather(*(client.submit(request) for request in requests))
     assert len({job.request_id for job in jobs}) == 6
     arrivals = sorted(record.time for record in server.stats.requests_to("submit"))
     waves = [arrivals[n] - arrivals[0] for n in (1, 2, 4)]
     assert waves[0] < slow / 2 and waves[1] >= slow * 0.9 and waves[2] >= 2 * slow * 0.9, waves
+
+
+@contextlib.asynccontextmanager
+async def stand_in_client() -> AsyncIterator[tuple[SegmindServer, SegmindClient]]:
+    """The Segmind stand-in and a client of it with a budget that never runs short."""
+    server = SegmindServer(SegmindServerSettings())
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield (
+                server,
+                SegmindClient(session, api_key="key", base_url=server.base_url, budget=RequestBudget(10_000)),
+            )
+    finally:
+        await server.stop()
+
+
+async def hold_the_only_slot(client: SegmindClient, release: asyncio.Event) -> asyncio.Task[None]:
+    """Leaves the client one slot at the gate, held (by a download, say) until `release` is set."""
+    client.in_flight.limit = client.in_flight.least = 1
+
+    async def download() -> None:
+        async with client.in_flight.slot(Priority.IMAGES):
+            await release.wait()
+
+    holder = asyncio.create_task(download())
+    await settle()
+    return holder
+
+
+async def test_a_submit_that_cannot_get_through_the_gate_in_time_is_not_sent() -> None:
+    async with stand_in_client() as (server, client):
+        client.in_flight.limit = client.in_flight.least = 1
+        async with client.in_flight.slot(Priority.IMAGES):  # a long download holds the only slot
+            with pytest.raises(BudgetExhausted) as refused:
+                await client.submit(GenerationRequest(prompt="in time or not at all"), max_wait=0.3)
+        # Counted for its room while it waited, and no longer once it gave up.
+        assert client._sending == 0
+    assert refused.value.reset_at is not None
+    assert server.stats.requests_to("submit") == []
+
+
+async def test_a_submit_waiting_at_the_gate_already_counts_for_the_room_its_checks_will_need() -> None:
+    async with stand_in_client() as (_server, client):
+        release = asyncio.Event()
+        holder = await hold_the_only_slot(client, release)
+        sending = asyncio.create_task(client.submit(GenerationRequest(prompt="waits at the gate")))
+        await asyncio.sleep(0.1)
+        assert client.budget.follow_ups() > 0  # the next submit leaves room for this one's checks
+        release.set()
+        job = await sending
+        await holder
+    assert job.request_id
+
+
+async def test_a_request_that_waited_at_the_gate_is_counted_again_when_it_leaves() -> None:
+    async with stand_in_client() as (_server, client):
+        release = asyncio.Event()
+        holder = await hold_the_only_slot(client, release)
+        sending = asyncio.create_task(client.submit(GenerationRequest(prompt="late")))
+        await asyncio.sleep(GATE_GRACE_SECONDS + 0.2)
+        release.set()
+        await sending
+        await holder
+    # Granted once, counted twice: at its grant, and when it finally left, as Segmind counts it.
+    assert len(client.budget._sent) == 2

@@ -70,6 +70,13 @@ def test_one_finished_job_moves_the_estimate_to_where_it_ended_before_its_spread
     assert min(runs) >= 40.0 * 0.65 and max(runs) <= 40.0 * 1.35
 
 
+def test_a_first_job_that_did_not_queue_does_not_make_every_queue_look_empty() -> None:
+    model = DurationModel()
+    model.learn(REQUEST, {"inference_time": 10.0, "queue_time": 0.0})
+    queues = model.queue_candidates()
+    assert max(queues) > 0.2 and len(set(queues)) > 3
+
+
 def test_jobs_sent_while_little_was_known_follow_what_is_learnt_while_they_wait() -> None:
     model = DurationModel()
     polls = schedule(model, max_interval=60.0)

@@ -210,6 +210,11 @@ class RequestBudget:
                 async with self._changed:
                     self._changed.notify_all()
 
+    def count_late_send(self) -> None:
+        """A request granted a while ago leaves only now: it takes a second place in the window (the
+        plan counts it on arrival), so the window errs on the side of the plan."""
+        self._sent.append(self._clock())
+
     def _grant(self, entry: _LineEntry) -> None:
         """Under the lock: the slot is spent, and the next in line learns it is at the head."""
         self._sent.append(self._clock())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
@@ -250,14 +251,12 @@ class SegmindClient:
         url = f"{self.base_url}/v2/{self.model}"
         sending = False
 
-        async def on_its_way() -> None:
-            # Counted from the grant on (no await before this), so the next submit sees the room it takes.
+        def granted() -> None:
+            # Counted from the grant on, so the next submit sees the room this one's checks will take.
             nonlocal sending
             if not sending:
                 sending = True
                 self._sending += 1
-            if before_send is not None:
-                await before_send()
 
         try:
             body = await self._transport.send(
@@ -268,7 +267,8 @@ class SegmindClient:
                 limit=SMALL_BODY_LIMIT,
                 accept=_json_object,
                 on_budget_wait=on_budget_wait,
-                before_send=on_its_way,
+                before_send=before_send,
+                on_granted=granted,
                 max_wait=max_wait,
                 priority=Priority.SUBMIT,
                 asker=asker,
@@ -387,10 +387,11 @@ class SegmindClient:
             if planned_for <= 0:
                 await asyncio.sleep(wait)
                 return
-            await asyncio.sleep(min(wait, REPLAN_SECONDS))
+            # Jittered, so that jobs waiting together do not all wake together.
+            await asyncio.sleep(min(wait, REPLAN_SECONDS * random.uniform(0.5, 1.5)))
             busy = self._budget_busy()
-            # Planned again only for a real change: a thousand waiting jobs wake every second meanwhile.
-            if abs(busy - planned_for) >= REPLAN_CHANGE:
+            # Planned again only for a real change (or none left): a thousand waiting jobs wake meanwhile.
+            if abs(busy - planned_for) >= REPLAN_CHANGE or busy <= 0:
                 planned_for = busy
                 due = checked_at + schedule.next_delay(checked_at, busy=busy)
 

@@ -53,6 +53,7 @@ class InFlightGate:
         # A heap; entries of callers that gave up stay in it, done, until they come up and are skipped.
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._arrivals = itertools.count()
+        self._cut = False  # the limit came down for the stall under way
 
     def pressure(self) -> float:
         """From 0 (nobody waits) to 1 (as many wait as are let in at once): how far demand exceeds what
@@ -62,23 +63,35 @@ class InFlightGate:
     @contextlib.asynccontextmanager
     async def slot(self, priority: Priority) -> AsyncIterator[None]:
         """Holds one of the `limit` slots for the block."""
-        await self._enter(priority)
+        await self.enter(priority)
         try:
             yield
         finally:
-            self.in_flight -= 1
-            self._let_in()
+            self.leave()
+
+    def leave(self) -> None:
+        """Gives back a slot `enter` took."""
+        self.in_flight -= 1
+        self._let_in()
 
     def adapt(self, behind: float) -> None:
-        """The loop runs `behind` seconds late lately: the limit comes down, or goes up by one."""
+        """The loop runs `behind` seconds late lately: the limit comes down, or goes up by one.
+
+        Down once per stall: `behind` is smoothed, so one stall reads late for several ticks, and the cut
+        waits until the loop has been on time again."""
         if behind > self.target:
-            self.limit = max(self.least, int(self.limit * DECREASE))
-        elif self.waiting:
+            if not self._cut:
+                self.limit = max(self.least, int(self.limit * DECREASE))
+                self._cut = True
+            return
+        self._cut = False
+        if self.waiting:
             # Only a limit someone waits at is raised: an idle process would otherwise drift to the most.
             self.limit = min(self.most, self.limit + 1)
         self._let_in()
 
-    async def _enter(self, priority: Priority) -> None:
+    async def enter(self, priority: Priority) -> None:
+        """Takes a slot, waiting for one by priority; `leave` gives it back."""
         if self.in_flight < self.limit and not self.waiting:
             self.in_flight += 1
             return

@@ -44,6 +44,8 @@ CANDIDATES_PER_PART = 12
 START_LATENESS_FACTOR = 12.0
 # With the budget short of room, a job is checked once it has ended with this chance.
 BUSY_QUANTILE = 0.9
+# How far the first few jobs may shrink the priors' scale (see _with_prior).
+MIN_PRIOR_SCALE = 0.1
 # The priors' spread: run times within ±30 % of the expected, queue times exponential around their mean.
 PRIOR_RUN_SPREAD = 0.3
 
@@ -71,8 +73,8 @@ class DurationModel:
     queue_samples: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLES_KEPT))
     unit_samples: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLES_KEPT))
     run_samples: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLES_KEPT))
-    learnt: int = 0  # finished jobs learnt from, ever
-    _shapes: dict[str, tuple[float, ...]] = field(default_factory=dict, repr=False, compare=False)
+    learnt: int = field(default=0, compare=False)  # finished jobs learnt from, ever
+    _shapes: dict[str, tuple[float, ...]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @staticmethod
     def work_units(request: GenerationRequest) -> float:
@@ -314,7 +316,8 @@ def _with_prior(samples: Iterable[float], prior: list[float]) -> list[float]:
     if len(learnt) >= SAMPLES_TRUSTED:
         return learnt
     if learnt and statistics.fmean(prior) > 0:
-        scale = statistics.fmean(learnt) / statistics.fmean(prior)
+        # Never to nothing: a first job that did not queue at all must not make every queue look empty.
+        scale = max(MIN_PRIOR_SCALE, statistics.fmean(learnt) / statistics.fmean(prior))
         prior = [value * scale for value in prior]
     return learnt + prior
 
