@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -190,6 +190,45 @@ class SyncClaim:
     synced_at: float | None = None  # with `synced`: when that sync was recorded
 
 
+@dataclass(frozen=True)
+class Ban:
+    """A member who may not use the bot in one server, until `until` (None: until lifted)."""
+
+    guild_id: int
+    user_id: int
+    until: float | None
+    reason: str
+    by_id: int | None  # the moderator, None when strikes banned automatically
+    created_at: float
+
+    def active(self, now: float) -> bool:
+        return self.until is None or self.until > now
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def read(cls, text: str | bytes) -> Ban | None:
+        """The stored ban, or None (with a warning) for a record that cannot be read: it bans no one."""
+        try:
+            return cls.from_json(text)
+        except (ValueError, KeyError, TypeError) as error:
+            log.warning("a stored ban is unreadable and is ignored: %s", error)
+            return None
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Ban:
+        data = json.loads(text)
+        return cls(
+            guild_id=int(data["guild_id"]),
+            user_id=int(data["user_id"]),
+            until=None if data.get("until") is None else float(data["until"]),
+            reason=str(data.get("reason") or ""),
+            by_id=None if data.get("by_id") is None else int(data["by_id"]),
+            created_at=float(data["created_at"]),
+        )
+
+
 class Store(Protocol):
     """What the bot keeps between restarts and shares between its processes, behind one small interface.
 
@@ -272,6 +311,30 @@ class Store(Protocol):
         """Ends `owner`'s claim: `synced` records `digest` as synced at `now`; otherwise what was synced
         before stays recorded, so the next claimer syncs. False, changing nothing, when `owner` no longer
         holds the claim (it lapsed and another owner took it over, or it was finished already)."""
+        ...
+
+    # Server administration: each server's settings (one JSON document, `GuildSettings`), its bans and
+    # the strikes (blocked prompts) that may ban automatically.
+    async def get_guild_settings(self, guild_id: int) -> str | None: ...
+
+    async def update_guild_settings(self, guild_id: int, change: Callable[[str | None], str]) -> str:
+        """Reads the settings, passes them to `change` and stores what it returns, in one atomic step
+        (two admins changing settings at once both land); returns what was stored. An exception from
+        `change` stores nothing and reaches the caller."""
+        ...
+
+    async def set_ban(self, ban: Ban) -> None: ...
+
+    async def lift_ban(self, guild_id: int, user_id: int, now: float) -> bool:
+        """False when the member was not banned (or the ban had ended)."""
+        ...
+
+    async def get_ban(self, guild_id: int, user_id: int, now: float) -> Ban | None: ...
+
+    async def list_bans(self, guild_id: int, now: float) -> list[Ban]: ...
+
+    async def add_strike(self, guild_id: int, user_id: int, at: float, window: float) -> int:
+        """Records a strike at `at`; returns the member's strikes within the `window` seconds up to it."""
         ...
 
     # The Segmind request budget: several processes on one API key must keep to one limit together.

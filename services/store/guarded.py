@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from services.store.base import (
+    Ban,
     JobRecord,
     QuotaLimits,
     QuotaRefusal,
@@ -198,6 +199,27 @@ class GuardedStore:
         self, target: str, digest: str, owner: str, now: float, *, synced: bool
     ) -> bool:
         return await self._guard(self.backend.finish_command_sync(target, digest, owner, now, synced=synced))
+
+    async def get_guild_settings(self, guild_id: int) -> str | None:
+        return await self._guard(self.backend.get_guild_settings(guild_id))
+
+    async def update_guild_settings(self, guild_id: int, change: Callable[[str | None], str]) -> str:
+        return await self._guard(self.backend.update_guild_settings(guild_id, change))
+
+    async def set_ban(self, ban: Ban) -> None:
+        await self._guard(self.backend.set_ban(ban))
+
+    async def lift_ban(self, guild_id: int, user_id: int, now: float) -> bool:
+        return await self._guard(self.backend.lift_ban(guild_id, user_id, now))
+
+    async def get_ban(self, guild_id: int, user_id: int, now: float) -> Ban | None:
+        return await self._guard(self.backend.get_ban(guild_id, user_id, now))
+
+    async def list_bans(self, guild_id: int, now: float) -> list[Ban]:
+        return await self._guard(self.backend.list_bans(guild_id, now))
+
+    async def add_strike(self, guild_id: int, user_id: int, at: float, window: float) -> int:
+        return await self._guard(self.backend.add_strike(guild_id, user_id, at, window))
 
     def shared_request_window(self, account: str) -> SharedWindow | None:
         window = self.backend.shared_request_window(account)

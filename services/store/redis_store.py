@@ -24,15 +24,18 @@ with full precision, so comparisons match the SQLite store exactly.
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from services.store.base import (
     UNFINISHED,
+    Ban,
     JobRecord,
     QuotaEntry,
     QuotaLimits,
@@ -49,12 +52,16 @@ from services.store.base import (
 )
 
 DEFAULT_PREFIX = "dreamshaper:"
+log = logging.getLogger(__name__)
+
 DEFAULT_JOB_RETENTION = 7 * 86400
 RECENT_JOBS_KEPT = 100
 # Keys that only exist for bookkeeping outlive the data they describe by this much.
 GC_MARGIN = 3600
 # Connections to Redis a process keeps at most; each command takes one for well under a millisecond.
 MAX_CONNECTIONS = 64
+# Two admins saving settings in the same instant retry; this many collisions in a row is an outage.
+SETTINGS_ATTEMPTS = 20
 
 # KEYS: times, records, reserved index. ARGV: images, daily, max_concurrent, window, now, new_id, key_ttl.
 # Mirrors base.evaluate(); returns {"ok"} or {reason, used, in_flight, resets_score or ""}.
@@ -533,6 +540,64 @@ class RedisStore:
             keys=[self._sync_key(target)], args=[owner, digest, float(now), "1" if synced else "0"]
         )
         return bool(finished)
+
+    # --- server administration ---
+
+    def _guild_key(self, guild_id: int, what: str) -> str:
+        return f"{self._prefix}guild:{int(guild_id)}:{what}"
+
+    async def get_guild_settings(self, guild_id: int) -> str | None:
+        value = await self._redis.get(self._guild_key(guild_id, "settings"))
+        return None if value is None else str(value)
+
+    async def update_guild_settings(self, guild_id: int, change: Callable[[str | None], str]) -> str:
+        key = self._guild_key(guild_id, "settings")
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for _attempt in range(SETTINGS_ATTEMPTS):
+                try:
+                    # Optimistic: the write goes through only if nobody changed the settings meanwhile.
+                    await pipe.watch(key)
+                    current = await pipe.get(key)
+                    data = change(None if current is None else str(current))
+                    pipe.multi()
+                    pipe.set(key, data)
+                    await pipe.execute()
+                    return data
+                except WatchError:
+                    continue
+        raise RedisError(f"the settings of server {guild_id} kept changing under {SETTINGS_ATTEMPTS} updates")
+
+    async def set_ban(self, ban: Ban) -> None:
+        await self._redis.hset(self._guild_key(ban.guild_id, "bans"), str(ban.user_id), ban.to_json())
+
+    async def lift_ban(self, guild_id: int, user_id: int, now: float) -> bool:
+        key = self._guild_key(guild_id, "bans")
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hget(key, str(user_id))
+            pipe.hdel(key, str(user_id))
+            data, _removed = await pipe.execute()
+        ban = None if data is None else Ban.read(data)
+        return ban is not None and ban.active(now)
+
+    async def get_ban(self, guild_id: int, user_id: int, now: float) -> Ban | None:
+        data = await self._redis.hget(self._guild_key(guild_id, "bans"), str(user_id))
+        ban = None if data is None else Ban.read(data)
+        return ban if ban is not None and ban.active(now) else None
+
+    async def list_bans(self, guild_id: int, now: float) -> list[Ban]:
+        stored = await self._redis.hgetall(self._guild_key(guild_id, "bans"))
+        bans = [ban for data in stored.values() if (ban := Ban.read(data)) is not None and ban.active(now)]
+        return sorted(bans, key=lambda ban: ban.user_id)
+
+    async def add_strike(self, guild_id: int, user_id: int, at: float, window: float) -> int:
+        key = self._guild_key(guild_id, f"strikes:{int(user_id)}")
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(key, "-inf", repr(float(at - window)))
+            pipe.zadd(key, {f"{float(at)!r}:{secrets.token_hex(4)}": float(at)})
+            pipe.zcount(key, f"({float(at - window)!r}", repr(float(at)))
+            pipe.expire(key, max(1, math.ceil(window)))
+            *_, count, _expiry = await pipe.execute()
+        return int(count)
 
     # --- request budget ---
 

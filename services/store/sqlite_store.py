@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from services.store.base import (
     REFUNDED,
     RESERVED,
     UNFINISHED,
+    Ban,
     JobRecord,
     QuotaEntry,
     QuotaLimits,
@@ -41,11 +43,12 @@ from services.store.base import (
     summarize,
 )
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], T]
 
 MEMORY = ":memory:"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Below this version `command_syncs` had another layout; it only caches what was synced, so it is dropped
 # and recreated (the next start syncs once more) rather than migrated.
 COMMAND_SYNCS_SINCE = 3
@@ -85,6 +88,23 @@ CREATE TABLE IF NOT EXISTS flags (
     name TEXT PRIMARY KEY,
     until REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS guild_settings (
+    guild_id INTEGER PRIMARY KEY,
+    data TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS bans (
+    guild_id INTEGER NOT NULL,
+    user_id INTEGER NOT NULL,
+    until REAL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (guild_id, user_id)
+);
+CREATE TABLE IF NOT EXISTS strikes (
+    guild_id INTEGER NOT NULL,
+    user_id INTEGER NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS strikes_member_time ON strikes (guild_id, user_id, at);
 CREATE TABLE IF NOT EXISTS command_syncs (
     target TEXT PRIMARY KEY,
     synced TEXT,
@@ -445,6 +465,84 @@ class SQLiteStore:
             return cursor.rowcount == 1
 
         return await self._write(finish)
+
+    # --- server administration ---
+
+    async def get_guild_settings(self, guild_id: int) -> str | None:
+        row = await self._call(
+            lambda db: db.execute(
+                "SELECT data FROM guild_settings WHERE guild_id = ?", (guild_id,)
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    async def update_guild_settings(self, guild_id: int, change: Callable[[str | None], str]) -> str:
+        def update(db: sqlite3.Connection) -> str:
+            # Inside the writer's BEGIN IMMEDIATE: nobody else writes between this read and the write.
+            row = db.execute("SELECT data FROM guild_settings WHERE guild_id = ?", (guild_id,)).fetchone()
+            data = change(None if row is None else str(row[0]))
+            db.execute(
+                "INSERT INTO guild_settings (guild_id, data) VALUES (?, ?)"
+                " ON CONFLICT (guild_id) DO UPDATE SET data = excluded.data",
+                (guild_id, data),
+            )
+            return data
+
+        return await self._write(update)
+
+    async def set_ban(self, ban: Ban) -> None:
+        await self._write(
+            lambda db: db.execute(
+                "INSERT INTO bans (guild_id, user_id, until, data) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (guild_id, user_id) DO UPDATE SET until = excluded.until, data = excluded.data",
+                (ban.guild_id, ban.user_id, ban.until, ban.to_json()),
+            )
+        )
+
+    async def lift_ban(self, guild_id: int, user_id: int, now: float) -> bool:
+        def lift(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT until FROM bans WHERE guild_id = ? AND user_id = ?", (guild_id, user_id)
+            ).fetchone()
+            db.execute("DELETE FROM bans WHERE guild_id = ? AND user_id = ?", (guild_id, user_id))
+            return row is not None and (row[0] is None or row[0] > now)
+
+        return await self._write(lift)
+
+    async def get_ban(self, guild_id: int, user_id: int, now: float) -> Ban | None:
+        row = await self._call(
+            lambda db: db.execute(
+                "SELECT data FROM bans WHERE guild_id = ? AND user_id = ? AND (until IS NULL OR until > ?)",
+                (guild_id, user_id, now),
+            ).fetchone()
+        )
+        return None if row is None else Ban.read(row[0])
+
+    async def list_bans(self, guild_id: int, now: float) -> list[Ban]:
+        rows = await self._call(
+            lambda db: db.execute(
+                "SELECT data FROM bans WHERE guild_id = ? AND (until IS NULL OR until > ?) ORDER BY user_id",
+                (guild_id, now),
+            ).fetchall()
+        )
+        return [ban for row in rows if (ban := Ban.read(row[0])) is not None]
+
+    async def add_strike(self, guild_id: int, user_id: int, at: float, window: float) -> int:
+        def strike(db: sqlite3.Connection) -> int:
+            db.execute(
+                "DELETE FROM strikes WHERE guild_id = ? AND user_id = ? AND at <= ?",
+                (guild_id, user_id, at - window),
+            )
+            db.execute(
+                "INSERT INTO strikes (guild_id, user_id, at) VALUES (?, ?, ?)", (guild_id, user_id, at)
+            )
+            row = db.execute(
+                "SELECT count(*) FROM strikes WHERE guild_id = ? AND user_id = ? AND at > ? AND at <= ?",
+                (guild_id, user_id, at - window, at),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._write(strike)
 
     # --- request budget ---
 

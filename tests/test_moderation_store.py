@@ -1,0 +1,92 @@
+"""Server administration in the store, on every backend: settings changed atomically, bans, strikes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from services.store import Store
+from services.store.base import Ban
+from tests import test_store
+from tests.test_store import DAY, HOUR, NOW, Backend
+
+backend = test_store.backend  # every backend, as the store's own suite runs them
+
+GUILD, OTHER_GUILD = 100, 200
+MEMBER, OTHER_MEMBER, MOD = 1, 2, 3
+
+
+def add_term(term: str):  # type: ignore[no-untyped-def]
+    def change(current: str | None) -> str:
+        data = json.loads(current) if current else {"terms": []}
+        data["terms"].append(term)
+        return json.dumps(data)
+
+    return change
+
+
+async def test_settings_are_kept_per_server_and_shared_by_every_process(backend: Backend) -> None:
+    first, second = await backend.open(), await backend.open()
+    assert await first.get_guild_settings(GUILD) is None
+    stored = await first.update_guild_settings(GUILD, add_term("kid"))
+    assert json.loads(stored) == {"terms": ["kid"]}
+    assert await second.get_guild_settings(GUILD) == stored
+    assert await second.get_guild_settings(OTHER_GUILD) is None
+
+
+async def test_changes_made_at_once_by_two_processes_all_land(backend: Backend) -> None:
+    stores: list[Store] = [await backend.open(), await backend.open()]
+    await asyncio.gather(
+        *(stores[n % 2].update_guild_settings(GUILD, add_term(f"term{n}")) for n in range(20))
+    )
+    stored = await stores[0].get_guild_settings(GUILD)
+    assert stored is not None and sorted(json.loads(stored)["terms"]) == sorted(f"term{n}" for n in range(20))
+
+
+async def test_a_change_that_fails_stores_nothing_and_reaches_the_caller(backend: Backend) -> None:
+    store = await backend.open()
+    await store.update_guild_settings(GUILD, add_term("kept"))
+
+    def refuse(current: str | None) -> str:
+        raise ValueError("too many terms")
+
+    with pytest.raises(ValueError, match="too many terms"):
+        await store.update_guild_settings(GUILD, refuse)
+    assert json.loads(await store.get_guild_settings(GUILD) or "{}") == {"terms": ["kept"]}
+
+
+async def test_a_ban_holds_until_it_ends_or_is_lifted(backend: Backend) -> None:
+    store = await backend.open()
+    timed = Ban(GUILD, MEMBER, until=NOW + HOUR, reason="spam", by_id=MOD, created_at=NOW)
+    forever = Ban(GUILD, OTHER_MEMBER, until=None, reason="", by_id=None, created_at=NOW)
+    await store.set_ban(timed)
+    await store.set_ban(forever)
+    assert await store.get_ban(GUILD, MEMBER, NOW) == timed
+    assert await store.get_ban(OTHER_GUILD, MEMBER, NOW) is None  # per server
+    assert await store.get_ban(GUILD, MEMBER, NOW + HOUR) is None  # over
+    assert await store.list_bans(GUILD, NOW) == [timed, forever]
+    assert await store.list_bans(GUILD, NOW + DAY) == [forever]
+    assert await store.lift_ban(GUILD, OTHER_MEMBER, NOW) is True
+    assert await store.lift_ban(GUILD, OTHER_MEMBER, NOW) is False
+    assert await store.lift_ban(GUILD, MEMBER, NOW + DAY) is False  # it had ended already
+    assert await store.list_bans(GUILD, NOW) == []
+
+
+async def test_a_new_ban_replaces_the_members_old_one(backend: Backend) -> None:
+    store = await backend.open()
+    await store.set_ban(Ban(GUILD, MEMBER, until=NOW + HOUR, reason="first", by_id=MOD, created_at=NOW))
+    longer = Ban(GUILD, MEMBER, until=NOW + DAY, reason="again", by_id=MOD, created_at=NOW + 60)
+    await store.set_ban(longer)
+    assert await store.list_bans(GUILD, NOW) == [longer]
+
+
+async def test_strikes_count_within_their_window_per_member_and_server(backend: Backend) -> None:
+    store = await backend.open()
+    counts = [await store.add_strike(GUILD, MEMBER, NOW + n * HOUR, DAY) for n in range(3)]
+    assert counts == [1, 2, 3]
+    assert await store.add_strike(GUILD, OTHER_MEMBER, NOW, DAY) == 1
+    assert await store.add_strike(OTHER_GUILD, MEMBER, NOW, DAY) == 1
+    # A day after the first two, only the third and this one are within the window.
+    assert await store.add_strike(GUILD, MEMBER, NOW + DAY + HOUR, DAY) == 2
