@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from devtools.bench.burst import burst_table, measure_burst
+from devtools.bench.burst import burst_table, measure_burst, measure_burst_in_a_fresh_driver
 
 QUICK_SEGMIND = {"queue_seconds": 0.2, "seconds_per_step": 0.01, "workers": 20}
 
@@ -19,3 +19,11 @@ async def test_a_small_burst_is_measured_whole() -> None:
     assert figures.status_polls_per_job + figures.results_per_job >= 1
     table = burst_table([figures]).markdown()
     assert "| SQLite | 5 in " in table and "5 (0)" in table
+
+
+async def test_a_burst_measured_in_a_driver_of_its_own_comes_back_whole() -> None:
+    figures = await measure_burst_in_a_fresh_driver(
+        4, bot_env={"SEGMIND_MAX_POLL_SECONDS": "1"}, segmind=QUICK_SEGMIND
+    )
+    assert (figures.commands, figures.delivered, figures.failed) == (4, 4, 0)
+    assert 0 < figures.ack_p50 <= figures.ack_p99 and figures.cpu_per_job > 0

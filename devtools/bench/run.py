@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from devtools.bench.burst import BurstFigures, measure_burst
+from devtools.bench.burst import BurstFigures, measure_burst_in_a_fresh_driver
 from devtools.bench.compare import COMPARE_HEADERS, add_plan, add_predictable, add_unpredictable, ratio
 from devtools.bench.images import fit_table, measure_fit
 from devtools.bench.report import Table, millis, seconds
@@ -175,8 +175,11 @@ async def run(plan: Plan) -> list[Table]:
     _progress("a community's burst, both pollers")
     burst_env = {**NO_BUDGET, "QUOTA_MAX_CONCURRENT": "2"}
     burst_segmind = SEGMIND_TIMING if plan.burst_commands > 100 else {}
-    ours_burst = await measure_burst(plan.burst_commands, bot_env=burst_env, segmind=burst_segmind)
-    fixed_burst = await measure_burst(
+    # Each in a driver of its own, as fresh as the bot it measures.
+    ours_burst = await measure_burst_in_a_fresh_driver(
+        plan.burst_commands, bot_env=burst_env, segmind=burst_segmind
+    )
+    fixed_burst = await measure_burst_in_a_fresh_driver(
         plan.burst_commands, bot_env={**burst_env, **FIXED_POLLER_ENV}, segmind=burst_segmind
     )
     add_burst(compared, ours_burst, fixed_burst)
@@ -205,7 +208,13 @@ def add_shards(table: Table, ours: RunFigures) -> None:
     table.rows.append([label, "jobs failed / 429s received", "", f"{ours.failed} / {ours.rate_limited}", ""])
     used = ours.most_in_a_minute / PLAN_LIMIT
     table.rows.append(
-        [label, "most requests in a sliding minute", "", f"{ours.most_in_a_minute} ({used:.0%} of the plan)", ""]
+        [
+            label,
+            "most requests in a sliding minute",
+            "",
+            f"{ours.most_in_a_minute} ({used:.0%} of the plan)",
+            "",
+        ]
     )
 
 
