@@ -22,12 +22,14 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs import render
+from cogs.admin import Admin
 from cogs.answers import answer_failure
 from cogs.buttons import JOB_BUTTONS
 from cogs.delivery import JobRunner
 from cogs.imagine import Imagine
 from services.config import Config, discord_api_root
 from services.jobs import JobService
+from services.moderation.policy import Moderation
 from services.quota import QuotaGuard
 from services.segmind import PLAN_WINDOW_SECONDS, RequestBudget, SegmindClient
 from services.store import Store, StoreUnavailable
@@ -286,6 +288,7 @@ class DreamshaperBot(commands.AutoShardedBot):
             rate_limit_max_wait=config.rate_limit_max_wait_seconds,
             lease_seconds=config.job_lease_seconds,
         )
+        self.moderation = Moderation(store)
         self.runner = JobRunner(self)
         self.watchdog = LoopWatchdog(config.loop_stall_warning_ms)
         # A loop running behind makes every request dearer: fewer checks, and the loop's work in flight
@@ -305,6 +308,7 @@ class DreamshaperBot(commands.AutoShardedBot):
         # The runner first: it is removed first at close, so jobs stop before anything they use.
         await self.add_cog(self.runner)
         await self.add_cog(Imagine(self))
+        await self.add_cog(Admin(self, self.moderation))
         self.add_dynamic_items(*JOB_BUTTONS)
         await self._sync_commands()
         keep_collections_short()

@@ -478,7 +478,8 @@ class JobRunner(commands.Cog):
 
     async def _tell_undelivered(self, job: JobRecord) -> None:
         await self._tell_requester(
-            job, f"📬 <@{job.user_id}>, your images are ready but could not be posted; `/jobs` can resend them."
+            job,
+            f"📬 <@{job.user_id}>, your images are ready but could not be posted; `/jobs` can resend them.",
         )
 
     async def _edit_with_retries(
@@ -604,8 +605,14 @@ class JobRunner(commands.Cog):
                 f">>> {render.quote_user_text(request.prompt, 1500)}"
             )
 
-    async def post_mod_log(self, text: str) -> None:
+    async def post_mod_log(self, text: str, *, guild_id: int | None = None) -> None:
+        """Posts to the server's mod log (`/admin modlog`), or else to MOD_LOG_CHANNEL_ID."""
         channel_id = self.bot.config.mod_log_channel_id
+        if guild_id is not None:
+            try:
+                channel_id = (await self.bot.moderation.settings(guild_id)).modlog_channel_id or channel_id
+            except StoreUnavailable as error:
+                log.warning("could not read the mod log channel of server %d: %s", guild_id, error)
         if channel_id is None:
             return
         try:

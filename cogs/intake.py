@@ -18,6 +18,7 @@ import discord
 
 from cogs import render
 from cogs.answers import before_answering, send_ephemeral
+from services.moderation.policy import PromptBlock
 from services.request import GenerationRequest
 from services.store.base import JobRecord, JobState, QuotaRefusal, new_job_id, new_reservation_id
 from services.store.guarded import StoreUnavailable
@@ -27,8 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The event loop holds tasks only weakly; these withdrawals must not be collected before they run.
-_withdrawals: set[asyncio.Task[None]] = set()
+# The event loop holds tasks only weakly; these withdrawals and mod-log posts must not be collected
+# before they run.
+_background: set[asyncio.Task[None]] = set()
 
 
 async def start_job(
@@ -62,6 +64,10 @@ async def _record_job(
 ) -> JobRecord | str:
     """The saved job, or the refusal to show the member."""
     bot = interaction.client
+    if interaction.guild_id is not None:
+        block = await _blocked(interaction, interaction.guild_id, request.prompt)
+        if block is not None:
+            return render.blocked_prompt_reply()
     # Read from the store at most once a second, however many commands arrive (the store's flag cache).
     if await bot.jobs.credits_exhausted_until():
         return render.credits_exhausted_reply()
@@ -94,8 +100,8 @@ async def _record_job(
         # The step may still land after its caller gave up: it is undone in the background, so the
         # member's answer is not held up by the store that just failed.
         withdrawal = asyncio.create_task(_withdraw(bot, job))
-        _withdrawals.add(withdrawal)
-        withdrawal.add_done_callback(_withdrawals.discard)
+        _background.add(withdrawal)
+        withdrawal.add_done_callback(_background.discard)
         raise
     if isinstance(outcome, QuotaRefusal):
         return render.quota_refusal_reply(outcome, request.samples)
@@ -114,6 +120,40 @@ async def _withdraw(bot: DreamshaperBot, job: JobRecord) -> None:
     except StoreUnavailable as error:
         # A reservation no saved job owns is refunded by the sweep; a saved job is resumed by it.
         log.warning("job %s: not withdrawn yet (%s); the sweep will see to it", job.id, error)
+
+
+async def _blocked(
+    interaction: discord.Interaction[DreamshaperBot], guild_id: int, prompt: str
+) -> PromptBlock | None:
+    """The server's rules against this prompt, checked before anything is reserved or sent; a hit goes to
+    the mod log with the term that matched (the member is not told which)."""
+    channel = interaction.channel
+    parent_id = getattr(channel, "parent_id", None)
+    block = await interaction.client.moderation.check_prompt(
+        guild_id,
+        prompt,
+        age_restricted=_age_restricted(channel),
+        role_ids=member_role_ids(interaction.user),
+        channel_ids=[interaction.channel_id or 0, *([parent_id] if parent_id else [])],
+    )
+    if block is not None:
+        source = f"AutoMod rule “{block.rule}”" if block.source == "automod" else "the blocklist"
+        log.info("server %d: a prompt from %d was blocked by %s", guild_id, interaction.user.id, source)
+        entry = (
+            f"🚫 {source} blocked a prompt from <@{interaction.user.id}> in <#{interaction.channel_id}>"
+            f" (matched `{block.matched}`):\n>>> {render.quote_user_text(prompt, 1500)}"
+        )
+        # In the background: the member's answer must not wait on a post to another channel.
+        posting = asyncio.create_task(interaction.client.runner.post_mod_log(entry, guild_id=guild_id))
+        _background.add(posting)
+        posting.add_done_callback(_background.discard)
+    return block
+
+
+def _age_restricted(channel: object) -> bool:
+    # A thread is as age-restricted as the channel it is in (Thread.is_nsfw asks its parent).
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    return bool(is_nsfw()) if callable(is_nsfw) else False
 
 
 def member_role_ids(user: discord.abc.User) -> list[int]:

@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass
 
 import discord
-from discord.app_commands import AppCommandError, TransformerError
+from discord.app_commands import AppCommandError, MissingPermissions, TransformerError
 
 from services.jobs import DownloadFailed, JobError, Progress, ProgressKind, SubmitInterrupted
 from services.request import GenerationRequest, RequestValidationError
@@ -316,7 +316,20 @@ def unexpected_error_reply(error: BaseException, context: str) -> FailureReply:
     return FailureReply(f"⚠️ Something went wrong on the bot's side. Error id `{error_id}`.", error_id)
 
 
+class Refusal(AppCommandError):
+    """A command refused for a reason the member can act on; the text is the whole reply."""
+
+
+def blocked_prompt_reply() -> str:
+    # Not which word: the filter is not there to be probed.
+    return "🚫 This server's rules don't allow this prompt, so nothing was generated and nothing was charged."
+
+
 def app_command_error_reply(error: AppCommandError, context: str) -> FailureReply:
+    if isinstance(error, Refusal):
+        return FailureReply(f"❌ {error}")
+    if isinstance(error, MissingPermissions):
+        return FailureReply("❌ This needs the Manage Server permission in this server.")
     if isinstance(error, TransformerError):
         return FailureReply(f"❌ {typed_value_span(error.value)} is not a valid value for this option.")
     original = getattr(error, "original", error)

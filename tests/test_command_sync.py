@@ -281,7 +281,7 @@ async def test_a_sync_killed_midway_is_taken_over_once_its_claim_lapses(
         await tree.sync_if_changed(guild, poll_seconds=POLL)
     assert len(stand_in.requests_for("sync_commands")) == 2
     messages = " ".join(record.getMessage() for record in caplog.records)
-    assert "synced 4 command(s) to guild" in messages
+    assert "synced 5 command(s) to guild" in messages
     assert "commands unchanged" not in messages
 
 
@@ -350,7 +350,7 @@ async def test_a_second_start_with_the_same_commands_does_not_sync_unless_told_t
     stand_in = bot_processes.discord
     first = await bot_processes.start(database, ready_count=1)
     assert len(stand_in.requests_for("sync_commands")) == 1
-    assert log_says(first, "synced 3 command(s) to guild")
+    assert log_says(first, "synced 4 command(s) to guild")
     first.terminate()
     assert await first.wait(15) == 0
 
@@ -362,7 +362,7 @@ async def test_a_second_start_with_the_same_commands_does_not_sync_unless_told_t
 
     third = await bot_processes.start(database, ready_count=3, SYNC_COMMANDS="always")
     assert len(stand_in.requests_for("sync_commands")) == 2
-    assert log_says(third, "synced 3 command(s) to guild")
+    assert log_says(third, "synced 4 command(s) to guild")
 
 
 @pytest.mark.parametrize("store_kind", ["sqlite", "redis"])
@@ -389,7 +389,7 @@ async def test_two_processes_starting_together_sync_once(
         for launcher in shards:
             await launcher.stop_all()
     assert len(bot_processes.discord.requests_for("sync_commands")) == 1, logs
-    assert sum("synced 3 command(s)" in log for log in logs) == 1, logs
+    assert sum("synced 4 command(s)" in log for log in logs) == 1, logs
     # The other found the sync recorded, or waited for it.
     assert (
         sum(

@@ -1,0 +1,182 @@
+"""/admin: one command group for a server's admins, every change written to the mod log."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from cogs import render
+from services.moderation.policy import Moderation
+from services.moderation.settings import NO_LIMIT, GuildSettings, Scope
+from services.moderation.terms import TermError, parse_terms
+
+if TYPE_CHECKING:
+    from cogs.app import DreamshaperBot
+
+log = logging.getLogger(__name__)
+
+SCOPES = [
+    app_commands.Choice(name="everywhere", value=Scope.EVERYWHERE.value),
+    app_commands.Choice(name="outside age-restricted channels", value=Scope.OUTSIDE_NSFW.value),
+]
+
+
+def _guild_id(interaction: discord.Interaction[DreamshaperBot]) -> int:
+    if interaction.guild_id is None:  # guild_only: Discord never offers /admin in direct messages
+        raise render.Refusal("/admin works in servers only.")
+    return interaction.guild_id
+
+
+@app_commands.default_permissions(manage_guild=True)
+@app_commands.guild_only()
+class Admin(commands.GroupCog, group_name="admin", group_description="Set up the bot for this server"):
+    """The server's own settings, changed by its admins in Discord and shared by every shard.
+
+    Registered with Manage Server as the default permission and for servers only, so Discord shows it to
+    admins alone (a server can grant it to others in its integration settings). Every reply is ephemeral,
+    every change goes to the mod log as "<admin> set <what> <before> → <after>", and a bad value is
+    refused with a reply that names it.
+    """
+
+    blocklist = app_commands.Group(name="blocklist", description="Terms that may not appear in prompts")
+
+    def __init__(self, bot: DreamshaperBot, moderation: Moderation) -> None:
+        self.bot = bot
+        self.moderation = moderation
+        super().__init__()
+
+    async def interaction_check(self, interaction: discord.Interaction[DreamshaperBot]) -> bool:
+        # Discord enforces default_member_permissions for the server, but a server can hand /admin to any
+        # role; Manage Server is still asked for, so what the command changes stays an admin's to change.
+        # The permissions Discord resolved for the member in this channel, sent with the interaction.
+        if interaction.guild_id is None or not interaction.permissions.manage_guild:
+            raise app_commands.MissingPermissions(["manage_guild"])
+        return True
+
+    # -- settings --
+
+    @app_commands.command(name="settings", description="Everything this server has set, at a glance")
+    async def settings(self, interaction: discord.Interaction[DreamshaperBot]) -> None:
+        settings = await self.moderation.settings(_guild_id(interaction))
+        await interaction.response.send_message(embed=self._settings_embed(settings), ephemeral=True)
+
+    # -- blocklist --
+
+    @blocklist.command(
+        name="add", description="Block terms (comma-separated; word, prefix*, *suffix, *anywhere*)"
+    )
+    @app_commands.describe(
+        terms="Terms, comma-separated", scope="Where they are blocked (default everywhere)"
+    )
+    @app_commands.choices(scope=SCOPES)
+    async def blocklist_add(
+        self,
+        interaction: discord.Interaction[DreamshaperBot],
+        terms: app_commands.Range[str, 1, 1000],
+        scope: app_commands.Choice[str] | None = None,
+    ) -> None:
+        where = Scope(scope.value) if scope is not None else Scope.EVERYWHERE
+        parsed = _terms(terms)
+        await self.moderation.change(_guild_id(interaction), lambda s: _with_terms(s, parsed, where))
+        listed = ", ".join(f"`{term.text}`" for term in parsed)
+        await self._log_and_reply(interaction, f"blocked {listed} ({where.value})")
+
+    @blocklist.command(name="remove", description="Unblock terms (comma-separated, as they were added)")
+    @app_commands.describe(terms="Terms, comma-separated")
+    async def blocklist_remove(
+        self, interaction: discord.Interaction[DreamshaperBot], terms: app_commands.Range[str, 1, 1000]
+    ) -> None:
+        texts = [text for text in (part.strip() for part in terms.split(",")) if text]
+        missing: list[str] = []
+
+        def edit(settings: GuildSettings) -> GuildSettings:
+            changed, not_there = settings.without_terms(texts)
+            missing[:] = not_there
+            return changed
+
+        await self.moderation.change(_guild_id(interaction), edit)
+        removed = [text for text in texts if text not in missing]
+        if not removed:
+            raise render.Refusal(f"None of these are on the blocklist: {', '.join(f'`{t}`' for t in texts)}.")
+        note = f" (not on the list: {', '.join(f'`{t}`' for t in missing)})" if missing else ""
+        await self._log_and_reply(interaction, f"unblocked {', '.join(f'`{t}`' for t in removed)}", note=note)
+
+    @blocklist.command(name="list", description="The blocked terms")
+    async def blocklist_list(self, interaction: discord.Interaction[DreamshaperBot]) -> None:
+        settings = await self.moderation.settings(_guild_id(interaction))
+        if not settings.blocked:
+            await interaction.response.send_message("Nothing is blocked here yet.", ephemeral=True)
+            return
+        lines = [
+            f"`{entry.term.text}`" + ("" if entry.scope is Scope.EVERYWHERE else " (outside age-restricted)")
+            for entry in settings.blocked
+        ]
+        embed = discord.Embed(
+            title=f"Blocked terms ({len(lines)})", description=render.truncate(", ".join(lines), 4000)
+        )
+        await interaction.response.send_message(embed=embed, ephemeral=True)
+
+    # -- replies and the mod log --
+
+    async def _log_and_reply(
+        self, interaction: discord.Interaction[DreamshaperBot], what: str, *, note: str = ""
+    ) -> None:
+        log.info("server %s: %s %s", interaction.guild_id, interaction.user.id, what)
+        await self.bot.runner.post_mod_log(
+            f"{interaction.user.mention} {what}", guild_id=interaction.guild_id
+        )
+        await interaction.response.send_message(f"Done: {what}{note}.", ephemeral=True)
+
+    def _settings_embed(self, settings: GuildSettings) -> discord.Embed:
+        defaults = self.bot.config
+        embed = discord.Embed(title="This server's settings")
+        embed.add_field(
+            name="Images per member per day",
+            value=str(_or(settings.daily_images, defaults.quota_daily_images)),
+        )
+        embed.add_field(
+            name="Jobs at once", value=str(_or(settings.max_concurrent, defaults.quota_max_concurrent))
+        )
+        tiers = (
+            ", ".join(f"<@&{role}>: {_tier(daily)}" for role, daily in settings.role_tiers.items()) or "none"
+        )
+        embed.add_field(name="Role tiers", value=render.truncate(tiers, 1000), inline=False)
+        embed.add_field(name="Blocked terms", value=str(len(settings.blocked)))
+        embed.add_field(name="AutoMod rules applied", value="yes" if settings.automod else "no")
+        strikes = (
+            f"{settings.strike_blocks} blocks in 24 h → banned {settings.strike_hours} h"
+            if settings.strike_blocks and settings.strike_hours
+            else "off"
+        )
+        embed.add_field(name="Strikes", value=strikes)
+        channel = settings.modlog_channel_id or defaults.mod_log_channel_id
+        embed.add_field(name="Mod log", value=f"<#{channel}>" if channel else "not set")
+        return embed
+
+
+def _terms(text: str) -> list:  # type: ignore[type-arg]
+    try:
+        return parse_terms(text)
+    except TermError as error:
+        raise render.Refusal(f"{error}.") from None
+
+
+def _with_terms(settings: GuildSettings, terms: list, scope: Scope) -> GuildSettings:  # type: ignore[type-arg]
+    try:
+        return settings.with_terms(terms, scope)
+    except TermError as error:
+        raise render.Refusal(f"{error}.") from None
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _tier(daily: int | None) -> str:
+    if daily is None:
+        return "none"
+    return "no limit" if daily == NO_LIMIT else "may not generate" if daily == 0 else f"{daily} a day"

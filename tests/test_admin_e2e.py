@@ -1,0 +1,107 @@
+"""/admin end to end: a server's blocklist, set in Discord, refuses prompts before anything is spent."""
+
+from __future__ import annotations
+
+from devtools.fakes.discord.models import DEFAULT_MEMBER_PERMISSIONS
+from devtools.fakes.discord.server import InteractionHandle, StoredMessage
+from devtools.stack import BotStack
+from tests.conftest import StackFactory
+
+MEMBER = 1_111_111_111_111_111_111
+ADMIN = 3_333_333_333_333_333_333
+MANAGE_GUILD = 1 << 5
+ADMIN_PERMISSIONS = DEFAULT_MEMBER_PERMISSIONS | MANAGE_GUILD
+
+
+def reply_of(handle: InteractionHandle) -> str:
+    callback = handle.callback
+    assert callback is not None and callback.type == 4, f"expected an immediate reply, got {handle!r}"
+    assert handle.is_ephemeral
+    return str(callback.data.get("content", ""))
+
+
+def mod_log(stack: BotStack) -> list[StoredMessage]:
+    return [
+        m
+        for m in stack.discord.messages.values()
+        if m.channel_id == stack.discord.channel_id and m.interaction_id is None and m.webhook_id is None
+    ]
+
+
+async def admin(stack: BotStack, command: str, **options: object) -> InteractionHandle:
+    handle = await stack.discord.send_slash_command(
+        f"admin {command}", options, user_id=ADMIN, username="admin", permissions=ADMIN_PERMISSIONS
+    )
+    await stack.settled(handle, 10)
+    return handle
+
+
+async def test_a_blocked_prompt_is_refused_before_anything_is_spent_and_the_mod_log_is_told(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack()
+    added = await admin(stack, "blocklist add", terms="kid, gore*")
+    assert reply_of(added) == "Done: blocked `kid`, `gore*` (everywhere)."
+    await stack.discord.wait_for(lambda: any("blocked `kid`, `gore*`" in m.content for m in mod_log(stack)))
+    assert any(f"<@{ADMIN}>" in m.content for m in mod_log(stack))
+
+    refused = await stack.imagine(prompt="a k1d in a garden", user_id=MEMBER)
+    text = reply_of(refused)
+    assert "rules don't allow this prompt" in text and "kid" not in text  # not which word
+    assert stack.segmind.stats.submits == []
+    usage = await stack.bot.quota.usage(MEMBER)
+    assert usage.used_images == 0 and usage.in_flight == 0
+    await stack.discord.wait_for(lambda: any("matched `kid`" in m.content for m in mod_log(stack)))
+    entry = next(m for m in mod_log(stack) if "matched `kid`" in m.content)
+    assert f"<@{MEMBER}>" in entry.content and "a k1d in a garden" in entry.content
+
+    allowed = await stack.imagine(prompt="skid marks on a wet road", user_id=MEMBER)
+    assert allowed.original is not None and allowed.original.attachments
+
+
+async def test_terms_are_listed_removed_and_shown_in_the_settings(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    await admin(stack, "blocklist add", terms="kid", scope="outside-nsfw")
+    await admin(stack, "blocklist add", terms="*gore*")
+    listed = await admin(stack, "blocklist list")
+    assert listed.callback is not None and listed.is_ephemeral
+    description = listed.callback.data["embeds"][0]["description"]
+    assert "`kid` (outside age-restricted)" in description and "`*gore*`" in description
+
+    removed = await admin(stack, "blocklist remove", terms="kid, never added")
+    assert "unblocked `kid`" in reply_of(removed) and "not on the list: `never added`" in reply_of(removed)
+    settings = await admin(stack, "settings")
+    assert settings.callback is not None and settings.is_ephemeral
+    fields = {f["name"]: f["value"] for f in settings.callback.data["embeds"][0]["fields"]}
+    assert fields["Blocked terms"] == "1" and fields["Images per member per day"] == str(
+        stack.bot.config.quota_daily_images
+    )
+    allowed = await stack.imagine(prompt="a kid flying a kite", user_id=MEMBER)
+    assert allowed.original is not None and allowed.original.attachments
+
+
+async def test_bad_terms_and_missing_permissions_get_a_reply_that_names_them(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack()
+    bad = await admin(stack, "blocklist add", terms="fine, *")
+    assert reply_of(bad).startswith("❌ “*” has no letters or digits to match")
+    nothing = await admin(stack, "blocklist remove", terms="never added")
+    assert "None of these are on the blocklist" in reply_of(nothing)
+
+    member = await stack.discord.send_slash_command("admin blocklist add", {"terms": "x"}, user_id=MEMBER)
+    await stack.settled(member, 10)
+    assert "Manage Server" in reply_of(member)
+    listed = await admin(stack, "blocklist list")
+    assert "Nothing is blocked" in reply_of(listed)
+
+
+async def test_admin_is_registered_for_server_admins_only(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    synced = stack.discord.synced_commands[stack.discord.guild_id]
+    command = next(c for c in synced if c["name"] == "admin")
+    assert int(command["default_member_permissions"]) == MANAGE_GUILD
+    assert command.get("dm_permission") is False or command.get("contexts") == [0]
+    groups = {o["name"]: o for o in command["options"]}
+    assert {"settings", "blocklist"} <= set(groups)
+    assert {o["name"] for o in groups["blocklist"]["options"]} == {"add", "remove", "list"}
