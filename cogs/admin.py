@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import discord
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_BAN_HOURS = 24 * 365
+MAX_STRIKE_BLOCKS = 100
 SCOPES = [
     app_commands.Choice(name="everywhere", value=Scope.EVERYWHERE.value),
     app_commands.Choice(name="outside age-restricted channels", value=Scope.OUTSIDE_NSFW.value),
@@ -63,6 +66,79 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
     async def settings(self, interaction: discord.Interaction[DreamshaperBot]) -> None:
         settings = await self.moderation.settings(_guild_id(interaction))
         await interaction.response.send_message(embed=self._settings_embed(settings), ephemeral=True)
+
+    @app_commands.command(name="modlog", description="Where the bot posts what moderators should see")
+    @app_commands.describe(channel="The mod log channel for this server")
+    async def modlog(
+        self, interaction: discord.Interaction[DreamshaperBot], channel: discord.TextChannel
+    ) -> None:
+        guild_id = _guild_id(interaction)
+        before, _ = await self.moderation.change(guild_id, lambda s: replace(s, modlog_channel_id=channel.id))
+        old = before.modlog_channel_id or self.bot.config.mod_log_channel_id
+        await self._log_and_reply(
+            interaction, f"set the mod log {f'<#{old}>' if old else 'none'} → {channel.mention}"
+        )
+
+    @app_commands.command(
+        name="strikes", description="Ban members automatically after repeated blocked prompts"
+    )
+    @app_commands.describe(blocks="Blocked prompts within 24 hours that ban (0: off)", hours="For how long")
+    async def strikes(
+        self,
+        interaction: discord.Interaction[DreamshaperBot],
+        blocks: app_commands.Range[int, 0, MAX_STRIKE_BLOCKS],
+        hours: app_commands.Range[int, 1, MAX_BAN_HOURS] = 24,
+    ) -> None:
+        on = blocks > 0
+        before, _ = await self.moderation.change(
+            _guild_id(interaction),
+            lambda s: replace(s, strike_blocks=blocks if on else None, strike_hours=hours if on else None),
+        )
+        old = _strikes(before)
+        new = f"{blocks} blocks in 24 h → banned {hours} h" if on else "off"
+        await self._log_and_reply(interaction, f"set the strikes {old} → {new}")
+
+    @app_commands.command(name="ban", description="Stop a member from using the bot here")
+    @app_commands.describe(member="The member", hours="For how long (default: until lifted)", reason="Why")
+    async def ban(
+        self,
+        interaction: discord.Interaction[DreamshaperBot],
+        member: discord.User,
+        hours: app_commands.Range[int, 1, MAX_BAN_HOURS] | None = None,
+        reason: app_commands.Range[str, 1, 300] | None = None,
+    ) -> None:
+        if member.bot:
+            raise render.Refusal(f"{member.mention} is a bot; there is nothing to ban.")
+        ban = await self.moderation.ban(
+            _guild_id(interaction), member.id, hours=hours, reason=reason or "", by_id=interaction.user.id
+        )
+        await self._log_and_reply(
+            interaction, f"banned {member.mention} {render.ban_end(ban)}" + (f" ({reason})" if reason else "")
+        )
+
+    @app_commands.command(name="unban", description="Lift a member's ban")
+    @app_commands.describe(member="The member")
+    async def unban(self, interaction: discord.Interaction[DreamshaperBot], member: discord.User) -> None:
+        if not await self.moderation.unban(_guild_id(interaction), member.id):
+            raise render.Refusal(f"{member.mention} is not banned here.")
+        await self._log_and_reply(interaction, f"lifted the ban of {member.mention}")
+
+    @app_commands.command(name="bans", description="Who may not use the bot here, and until when")
+    async def bans(self, interaction: discord.Interaction[DreamshaperBot]) -> None:
+        bans = await self.moderation.bans(_guild_id(interaction))
+        if not bans:
+            await interaction.response.send_message("Nobody is banned here.", ephemeral=True)
+            return
+        lines = [
+            f"<@{ban.user_id}> {render.ban_end(ban)}"
+            + (f" by <@{ban.by_id}>" if ban.by_id else " (strikes)")
+            + (f": {render.quote_user_text(ban.reason, 200)}" if ban.reason else "")
+            for ban in bans
+        ]
+        embed = discord.Embed(
+            title=f"Banned here ({len(lines)})", description=render.truncate("\n".join(lines), 4000)
+        )
+        await interaction.response.send_message(embed=embed, ephemeral=True)
 
     # -- blocklist --
 
@@ -147,12 +223,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
         embed.add_field(name="Role tiers", value=render.truncate(tiers, 1000), inline=False)
         embed.add_field(name="Blocked terms", value=str(len(settings.blocked)))
         embed.add_field(name="AutoMod rules applied", value="yes" if settings.automod else "no")
-        strikes = (
-            f"{settings.strike_blocks} blocks in 24 h → banned {settings.strike_hours} h"
-            if settings.strike_blocks and settings.strike_hours
-            else "off"
-        )
-        embed.add_field(name="Strikes", value=strikes)
+        embed.add_field(name="Strikes", value=_strikes(settings))
         channel = settings.modlog_channel_id or defaults.mod_log_channel_id
         embed.add_field(name="Mod log", value=f"<#{channel}>" if channel else "not set")
         return embed
@@ -170,6 +241,12 @@ def _with_terms(settings: GuildSettings, terms: list, scope: Scope) -> GuildSett
         return settings.with_terms(terms, scope)
     except TermError as error:
         raise render.Refusal(f"{error}.") from None
+
+
+def _strikes(settings: GuildSettings) -> str:
+    if settings.strike_blocks and settings.strike_hours:
+        return f"{settings.strike_blocks} blocks in 24 h → banned {settings.strike_hours} h"
+    return "off"
 
 
 def _or(value: int | None, default: int) -> int:

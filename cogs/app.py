@@ -23,10 +23,11 @@ from discord.ext import commands
 
 from cogs import render
 from cogs.admin import Admin
-from cogs.answers import answer_failure
+from cogs.answers import answer_failure, send_ephemeral
 from cogs.buttons import JOB_BUTTONS
 from cogs.delivery import JobRunner
 from cogs.imagine import Imagine
+from cogs.intake import ban_refusal
 from services.config import Config, discord_api_root
 from services.jobs import JobService
 from services.moderation.policy import Moderation
@@ -111,6 +112,17 @@ class DreamshaperTree(app_commands.CommandTree["DreamshaperBot"]):
     always, with `SYNC_COMMANDS=always`), one process at a time: the others wait for the claim's holder
     and then sync only if what it left recorded is not their commands.
     """
+
+    async def interaction_check(self, interaction: discord.Interaction[DreamshaperBot], /) -> bool:
+        # A banned member is told so, for every command but /admin (an admin cannot lock a server out).
+        command = interaction.command
+        if command is not None and command.qualified_name.split()[0] == "admin":
+            return True
+        refusal = await ban_refusal(interaction)
+        if refusal is not None:
+            await send_ephemeral(interaction, refusal)
+            return False
+        return True
 
     async def on_error(
         self, interaction: discord.Interaction[DreamshaperBot], error: app_commands.AppCommandError, /

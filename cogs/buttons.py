@@ -24,7 +24,7 @@ import discord
 
 from cogs import render
 from cogs.answers import answer_failure, before_answering, send_ephemeral
-from cogs.intake import start_job
+from cogs.intake import ban_refusal, start_job
 from services.jobs import JobError
 from services.request import GenerationRequest
 from services.store.base import JobRecord, JobState
@@ -95,6 +95,9 @@ class JobButton(
             return False
         if self.job is None:
             return await refuse(interaction, TOO_OLD)
+        banned = await ban_refusal(interaction)
+        if banned is not None:
+            return await refuse(interaction, banned)
         return True
 
     @property
@@ -111,7 +114,9 @@ class JobButton(
             yield
         except Exception as error:
             self.answered = True
-            await answer_failure(interaction, render.unexpected_error_reply(error, f"the {self.action} button"))
+            await answer_failure(
+                interaction, render.unexpected_error_reply(error, f"the {self.action} button")
+            )
 
 
 class RerollButton(JobButton, action="reroll", label="Reroll", emoji="🎲", style=discord.ButtonStyle.primary):
@@ -211,7 +216,13 @@ class ResendButton(JobButton, action="resend", label="Resend", emoji="📬", sty
 
 
 # Every job button Discord may send a press for, including those on messages posted long ago.
-JOB_BUTTONS: tuple[type[JobButton], ...] = (RerollButton, SameSeedButton, InfoButton, DeleteButton, ResendButton)
+JOB_BUTTONS: tuple[type[JobButton], ...] = (
+    RerollButton,
+    SameSeedButton,
+    InfoButton,
+    DeleteButton,
+    ResendButton,
+)
 
 
 def result_view(job_id: str) -> discord.ui.View:

@@ -67,7 +67,13 @@ async def _record_job(
     if interaction.guild_id is not None:
         block = await _blocked(interaction, interaction.guild_id, request.prompt)
         if block is not None:
-            return render.blocked_prompt_reply()
+            ban = await interaction.client.moderation.strike(interaction.guild_id, interaction.user.id)
+            if ban is None:
+                return render.blocked_prompt_reply()
+            _post_mod_log(
+                interaction, f"⛔ <@{interaction.user.id}> was banned {render.ban_end(ban)}: {ban.reason}."
+            )
+            return f"{render.blocked_prompt_reply()}\n{render.banned_reply(ban)}"
     # Read from the store at most once a second, however many commands arrive (the store's flag cache).
     if await bot.jobs.credits_exhausted_until():
         return render.credits_exhausted_reply()
@@ -143,11 +149,28 @@ async def _blocked(
             f"🚫 {source} blocked a prompt from <@{interaction.user.id}> in <#{interaction.channel_id}>"
             f" (matched `{block.matched}`):\n>>> {render.quote_user_text(prompt, 1500)}"
         )
-        # In the background: the member's answer must not wait on a post to another channel.
-        posting = asyncio.create_task(interaction.client.runner.post_mod_log(entry, guild_id=guild_id))
-        _background.add(posting)
-        posting.add_done_callback(_background.discard)
+        _post_mod_log(interaction, entry)
     return block
+
+
+def _post_mod_log(interaction: discord.Interaction[DreamshaperBot], text: str) -> None:
+    # In the background: the member's answer must not wait on a post to another channel.
+    posting = asyncio.create_task(interaction.client.runner.post_mod_log(text, guild_id=interaction.guild_id))
+    _background.add(posting)
+    posting.add_done_callback(_background.discard)
+
+
+async def ban_refusal(interaction: discord.Interaction[DreamshaperBot]) -> str | None:
+    """What a banned member is told, for their commands and buttons in this server; None for others (and
+    when the store cannot say: the command then meets the outage itself and says so)."""
+    if interaction.guild_id is None:
+        return None
+    try:
+        async with before_answering():
+            ban = await interaction.client.moderation.active_ban(interaction.guild_id, interaction.user.id)
+    except StoreUnavailable:
+        return None
+    return None if ban is None else render.banned_reply(ban)
 
 
 def _age_restricted(channel: object) -> bool:

@@ -23,7 +23,7 @@ from services.segmind import (
     RateLimited,
     Unauthorized,
 )
-from services.store.base import JobRecord, JobState, QuotaRefusal, QuotaUsage
+from services.store.base import Ban, JobRecord, JobState, QuotaRefusal, QuotaUsage
 from services.store.guarded import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -318,6 +318,19 @@ def unexpected_error_reply(error: BaseException, context: str) -> FailureReply:
 
 class Refusal(AppCommandError):
     """A command refused for a reason the member can act on; the text is the whole reply."""
+
+
+def ban_end(ban: Ban) -> str:
+    return "until a moderator lifts it" if ban.until is None else f"until {when(ban.until)}"
+
+
+def when(epoch: float) -> str:
+    return f"<t:{int(epoch)}:f> (<t:{int(epoch)}:R>)"
+
+
+def banned_reply(ban: Ban) -> str:
+    reason = f" Reason: {quote_user_text(ban.reason, 300)}" if ban.reason else ""
+    return f"⛔ You may not use the bot in this server {ban_end(ban)}.{reason}"
 
 
 def blocked_prompt_reply() -> str:

@@ -105,3 +105,58 @@ async def test_admin_is_registered_for_server_admins_only(make_stack: StackFacto
     groups = {o["name"]: o for o in command["options"]}
     assert {"settings", "blocklist"} <= set(groups)
     assert {o["name"] for o in groups["blocklist"]["options"]} == {"add", "remove", "list"}
+
+
+async def test_a_banned_member_is_told_until_when_for_commands_and_buttons_and_can_be_unbanned(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack()
+    result = await stack.imagine(prompt="a lighthouse", user_id=MEMBER)
+    assert result.original is not None and result.original.attachments
+    banned = await admin(stack, "ban", member=MEMBER, hours=24, reason="spamming the channel")
+    assert reply_of(banned).startswith(f"Done: banned <@{MEMBER}> until <t:")
+    await stack.discord.wait_for(lambda: any(f"banned <@{MEMBER}>" in m.content for m in mod_log(stack)))
+
+    refused = await stack.imagine(prompt="a lighthouse again", user_id=MEMBER)
+    text = reply_of(refused)
+    assert text.startswith("⛔ You may not use the bot in this server until <t:") and "spamming" in text
+    press = await stack.press(result.original, "reroll", user_id=MEMBER)
+    assert "You may not use the bot" in reply_of(press)
+    assert len(stack.segmind.stats.submits) == 1  # only the first job ever reached Segmind
+
+    listed = await admin(stack, "bans")
+    assert listed.callback is not None
+    assert f"<@{MEMBER}> until <t:" in listed.callback.data["embeds"][0]["description"]
+    assert f"by <@{ADMIN}>" in listed.callback.data["embeds"][0]["description"]
+    lifted = await admin(stack, "unban", member=MEMBER)
+    assert reply_of(lifted) == f"Done: lifted the ban of <@{MEMBER}>."
+    again = await admin(stack, "unban", member=MEMBER)
+    assert "is not banned here" in reply_of(again)
+    allowed = await stack.imagine(prompt="a lighthouse once more", user_id=MEMBER)
+    assert allowed.original is not None and allowed.original.attachments
+
+
+async def test_strikes_ban_a_member_after_repeated_blocked_prompts(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    await admin(stack, "blocklist add", terms="kid")
+    set_strikes = await admin(stack, "strikes", blocks=2, hours=6)
+    assert reply_of(set_strikes) == "Done: set the strikes off → 2 blocks in 24 h → banned 6 h."
+    first = await stack.imagine(prompt="a kid", user_id=MEMBER)
+    assert "rules don't allow" in reply_of(first) and "may not use" not in reply_of(first)
+    second = await stack.imagine(prompt="a k i d", user_id=MEMBER)
+    assert "You may not use the bot in this server until <t:" in reply_of(second)
+    await stack.discord.wait_for(lambda: any("2 blocked prompts" in m.content for m in mod_log(stack)))
+    third = await stack.imagine(prompt="a harmless lighthouse", user_id=MEMBER)
+    assert reply_of(third).startswith("⛔ You may not use the bot")
+    assert stack.segmind.stats.submits == []
+
+
+async def test_the_mod_log_channel_is_the_servers_own_once_set(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    channel = stack.discord.channel_id
+    moved = await admin(stack, "modlog", channel=channel)
+    assert reply_of(moved) == f"Done: set the mod log <#{channel}> → <#{channel}>."
+    settings = await admin(stack, "settings")
+    assert settings.callback is not None
+    fields = {f["name"]: f["value"] for f in settings.callback.data["embeds"][0]["fields"]}
+    assert fields["Mod log"] == f"<#{channel}>" and fields["Strikes"] == "off"
