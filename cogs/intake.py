@@ -64,6 +64,8 @@ async def _record_job(
 ) -> JobRecord | str:
     """The saved job, or the refusal to show the member."""
     bot = interaction.client
+    if interaction.guild_id is None and not bot.config.allow_direct_messages:
+        return render.direct_messages_off_reply()
     if interaction.guild_id is not None:
         block = await _blocked(interaction, interaction.guild_id, request.prompt)
         if block is not None:

@@ -333,6 +333,10 @@ def banned_reply(ban: Ban) -> str:
     return f"⛔ You may not use the bot in this server {ban_end(ban)}.{reason}"
 
 
+def direct_messages_off_reply() -> str:
+    return "🔒 This bot makes images in servers only; use /imagine in a server you share with it."
+
+
 def blocked_prompt_reply() -> str:
     # Not which word: the filter is not there to be probed.
     return "🚫 This server's rules don't allow this prompt, so nothing was generated and nothing was charged."

@@ -173,9 +173,9 @@ class BotStack:
                 f"the bot did not connect to the Discord stand-in within {timeout:g} s"
             ) from error
         try:
-            await self.wait_for(
-                lambda: bool(self.discord.synced_commands.get(self.discord.guild_id)), timeout
-            )
+            # To the test server, or globally for a bot started without DISCORD_GUILD_IDS.
+            synced = self.discord.synced_commands
+            await self.wait_for(lambda: bool(synced.get(self.discord.guild_id) or synced.get(None)), timeout)
         except TimeoutError as error:
             raise TimeoutError(f"the bot did not sync its commands within {timeout:g} s") from error
 

@@ -53,6 +53,8 @@ class Config:
     quota_exempt_role_ids: frozenset[int] = frozenset()
     discord_guild_ids: tuple[int, ...] = ()
     mod_log_channel_id: int | None = None
+    # No server's rules apply in a direct message, so /imagine is off there unless an operator turns it on.
+    allow_direct_messages: bool = False
     credits_cooloff_seconds: float = 600.0
     rate_limit_max_wait_seconds: float = 120.0
     job_lease_seconds: float = 30.0
@@ -90,6 +92,7 @@ class Config:
             "quota_exempt_role_ids": frozenset(reader.get("QUOTA_EXEMPT_ROLE_IDS", _snowflake_list, ())),
             "discord_guild_ids": reader.get("DISCORD_GUILD_IDS", _snowflake_list, ()),
             "mod_log_channel_id": reader.get("MOD_LOG_CHANNEL_ID", _snowflake, None),
+            "allow_direct_messages": reader.get("ALLOW_DIRECT_MESSAGES", _boolean, False),
             "credits_cooloff_seconds": reader.get(
                 "CREDITS_COOLOFF_SECONDS", _positive_float, cls.credits_cooloff_seconds
             ),
@@ -180,6 +183,15 @@ def _positive_float(raw: str) -> float:
     if not value > 0 or value == float("inf"):
         raise ValueError("expected a positive number of seconds")
     return value
+
+
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise ValueError("expected true or false")
 
 
 def _snowflake(raw: str) -> int:

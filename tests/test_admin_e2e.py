@@ -160,3 +160,25 @@ async def test_the_mod_log_channel_is_the_servers_own_once_set(make_stack: Stack
     assert settings.callback is not None
     fields = {f["name"]: f["value"] for f in settings.callback.data["embeds"][0]["fields"]}
     assert fields["Mod log"] == f"<#{channel}>" and fields["Strikes"] == "off"
+
+
+async def dm_imagine(stack: BotStack, prompt: str) -> InteractionHandle:
+    handle = await stack.discord.send_slash_command(
+        "imagine", {"prompt": prompt}, user_id=MEMBER, channel_id=stack.discord.dm_channel(MEMBER)
+    )
+    await stack.settled(handle, 20)
+    return handle
+
+
+async def test_imagine_in_direct_messages_is_off_unless_the_operator_turns_it_on(
+    make_stack: StackFactory,
+) -> None:
+    # Commands synced globally, as a bot in production is, so they can be used in a direct message too.
+    off = await make_stack(DISCORD_GUILD_IDS="")
+    refused = await dm_imagine(off, "a lighthouse")
+    assert "servers only" in reply_of(refused)
+    assert off.segmind.stats.submits == []
+
+    on = await make_stack(DISCORD_GUILD_IDS="", ALLOW_DIRECT_MESSAGES="true")
+    made = await dm_imagine(on, "a lighthouse")
+    assert made.original is not None and made.original.attachments

@@ -21,7 +21,20 @@ def test_defaults_when_only_the_secrets_are_set() -> None:
     assert config.database_url == "sqlite:///data/bot.sqlite3"
     assert config.discord_guild_ids == ()
     assert config.mod_log_channel_id is None
+    assert config.allow_direct_messages is False
     assert config.log_level == "INFO"
+
+
+@pytest.mark.parametrize(
+    ("raw", "allowed"), [("true", True), ("YES", True), ("1", True), ("false", False), ("off", False)]
+)
+def test_direct_messages_are_allowed_only_when_said(raw: str, allowed: bool) -> None:
+    assert Config.from_env({**REQUIRED, "ALLOW_DIRECT_MESSAGES": raw}).allow_direct_messages is allowed
+
+
+def test_a_word_that_is_not_true_or_false_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"ALLOW_DIRECT_MESSAGES.*true or false"):
+        Config.from_env({**REQUIRED, "ALLOW_DIRECT_MESSAGES": "sometimes"})
 
 
 def test_every_variable_is_parsed() -> None:
