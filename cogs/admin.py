@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -50,6 +51,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
     def __init__(self, bot: DreamshaperBot, moderation: Moderation) -> None:
         self.bot = bot
         self.moderation = moderation
+        self._posting: set[asyncio.Task[None]] = set()  # held: the loop keeps tasks only weakly
         super().__init__()
 
     async def interaction_check(self, interaction: discord.Interaction[DreamshaperBot]) -> bool:
@@ -202,10 +204,15 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
         self, interaction: discord.Interaction[DreamshaperBot], what: str, *, note: str = ""
     ) -> None:
         log.info("server %s: %s %s", interaction.guild_id, interaction.user.id, what)
-        await self.bot.runner.post_mod_log(
-            f"{interaction.user.mention} {what}", guild_id=interaction.guild_id
+        # The admin's answer first (within Discord's 3 s); the mod log may wait out a rate limit.
+        await interaction.response.send_message(
+            render.truncate(f"Done: {what}{note}.", render.MESSAGE_LIMIT), ephemeral=True
         )
-        await interaction.response.send_message(f"Done: {what}{note}.", ephemeral=True)
+        posting = asyncio.create_task(
+            self.bot.runner.post_mod_log(f"{interaction.user.mention} {what}", guild_id=interaction.guild_id)
+        )
+        self._posting.add(posting)
+        posting.add_done_callback(self._posting.discard)
 
     def _settings_embed(self, settings: GuildSettings) -> discord.Embed:
         defaults = self.bot.config

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from services.moderation.terms import Blocklist, Term, TermError, Wildcard, normalise, parse_terms
+from services.moderation.terms import Blocklist, TermError, Wildcard, normalise, parse_terms
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # How people write around a word filter, letter by letter.
@@ -20,8 +20,9 @@ context = st.lists(st.text(LETTERS, min_size=2, max_size=8), max_size=4)
 
 
 @st.composite
-def disguised(draw: st.DrawFn, word: str, *, spelled_out: bool = True) -> str:
-    """`word` as someone evading a filter might write it."""
+def disguised(draw: st.DrawFn, word: str, *, spelled_out: bool = True, symbols: bool = True) -> str:
+    """`word` as someone evading a filter might write it (`symbols`: swaps like @ for a, which also end
+    words: "kid!" is "kid")."""
     out = []
     for letter in word:
         form = draw(st.sampled_from(["plain", "upper", "accent", "swap", "look-alike", "full-width"]))
@@ -30,7 +31,7 @@ def disguised(draw: st.DrawFn, word: str, *, spelled_out: bool = True) -> str:
         elif form == "accent":
             written = letter + draw(st.sampled_from(ACCENTS))
         elif form == "swap" and letter in SWAPS:
-            written = draw(st.sampled_from(SWAPS[letter]))
+            written = draw(st.sampled_from([c for c in SWAPS[letter] if symbols or c.isdigit()] or [letter]))
         elif form == "look-alike" and letter in LOOK_ALIKES:
             written = LOOK_ALIKES[letter]
         elif form == "full-width":
@@ -68,7 +69,7 @@ def test_a_whole_word_term_never_blocks_a_longer_word_that_contains_it(
     others = data.draw(context)
     assume(word not in others)
     blocklist = Blocklist(parse_terms(word))
-    prompt = prompt_with(data.draw(disguised(longer, spelled_out=False)), others, [])
+    prompt = prompt_with(data.draw(disguised(longer, spelled_out=False, symbols=False)), others, [])
     assert blocklist.match(prompt) is None, (prompt, normalise(prompt))
 
 
@@ -84,7 +85,7 @@ def test_wildcards_match_at_the_ends_they_stand_at(
 ) -> None:
     starting, ending = word + suffix, prefix + word
     assume((not ending.startswith(word) and not starting.endswith(word)) or not suffix)
-    write = lambda text: data.draw(disguised(text, spelled_out=False))  # noqa: E731
+    write = lambda text: data.draw(disguised(text, spelled_out=False, symbols=False))  # noqa: E731
     assert Blocklist(parse_terms(f"{word}*")).match(write(starting)) is not None
     assert Blocklist(parse_terms(f"*{word}")).match(write(ending)) is not None
     assert Blocklist(parse_terms(f"*{word}*")).match(write(prefix + word + suffix)) is not None
@@ -95,13 +96,32 @@ def test_wildcards_match_at_the_ends_they_stand_at(
 
 
 @pytest.mark.parametrize(
-    "prompt", ["KID", "kíd", "k1d", "k\u200bid", "k.i.d", "k i d", "a k i d", "a k i d a", "ｋｉｄ", "кid"]
+    "prompt",
+    [
+        "KID",
+        "kíd",
+        "k1d",
+        "k\u200bid",
+        "k.i.d",
+        "k i d",
+        "a k i d",
+        "a k i d a",
+        "ｋｉｄ",
+        "кid",
+        "kid!",
+        "ᴋɪᴅ",
+        "kıd",
+        "k\u3164id",
+    ],
 )
 def test_kid_is_blocked_however_it_is_written(prompt: str) -> None:
     assert Blocklist(parse_terms("kid")).match(f"a photo of {prompt} smiling") is not None
 
 
-@pytest.mark.parametrize("prompt", ["skid marks on the road", "kidney beans", "kids", "a skidding car"])
+@pytest.mark.parametrize(
+    "prompt",
+    ["skid marks on the road", "kidney beans", "kids", "a skidding car", "plan b, b w photo of a kite"],
+)
 def test_kid_does_not_block_other_words(prompt: str) -> None:
     assert Blocklist(parse_terms("kid")).match(prompt) is None
 
@@ -122,7 +142,11 @@ def test_terms_are_parsed_in_automods_syntax() -> None:
         ("*any*", ("any",), Wildcard.ANYWHERE),
         ("two words", ("two", "words"), Wildcard.WORD),
     ]
-    assert Term.parse("R34").words == Term.parse("rea").words  # normalised like prompts
+    # Terms keep their digits: "88" blocks 88, never "bb cream".
+    assert Blocklist(parse_terms("88")).match("88 stickers") is not None
+    assert Blocklist(parse_terms("88")).match("bb cream") is None
+    assert Blocklist(parse_terms("r34")).match("R34 art") is not None
+    assert Blocklist(parse_terms("r34")).match("rea") is None
 
 
 @pytest.mark.parametrize(

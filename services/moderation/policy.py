@@ -46,6 +46,7 @@ class Moderation:
         self._clock = clock
         self._cache_seconds = cache_seconds
         self._settings: dict[int, tuple[float, GuildSettings]] = {}
+        self._texts: dict[int, str | None] = {}  # the stored text each cached settings came from
         self._automod: dict[int, dict[int, AutoModRule]] = {}
 
     # -- settings --
@@ -55,7 +56,12 @@ class Moderation:
         now = time.monotonic()
         if cached is not None and now - cached[0] < self._cache_seconds:
             return cached[1]
-        settings = GuildSettings.from_json(guild_id, await self._store.get_guild_settings(guild_id))
+        stored = await self._store.get_guild_settings(guild_id)
+        if cached is not None and self._texts.get(guild_id) == stored:
+            settings = cached[1]  # unchanged: its compiled blocklist is kept too
+        else:
+            settings = GuildSettings.from_json(guild_id, stored)
+            self._texts[guild_id] = stored
         self._settings[guild_id] = (now, settings)
         return settings
 
@@ -69,8 +75,10 @@ class Moderation:
             before[:] = [GuildSettings.from_json(guild_id, stored)]
             return edit(before[0]).to_json()
 
-        after = GuildSettings.from_json(guild_id, await self._store.update_guild_settings(guild_id, change))
+        stored = await self._store.update_guild_settings(guild_id, change)
+        after = GuildSettings.from_json(guild_id, stored)
         self._settings[guild_id] = (time.monotonic(), after)
+        self._texts[guild_id] = stored
         return before[0], after
 
     # -- AutoMod rules, as Discord sends them --

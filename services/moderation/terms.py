@@ -7,8 +7,8 @@ syntax from AutoMod, and it says what a substring list cannot: "kid" blocks the 
 Prompts are matched after `normalise`: case and accents folded, compatibility forms (NFKC) and common
 look-alike letters brought to plain Latin, invisible characters dropped, digit and symbol swaps undone
 (`k1d`, `$`), and letters spelt out one at a time (`k.i.d`, `k i d`) or split by punctuation inside a
-word (`ki-d`) joined again. Terms are normalised the same way, so `r34` and `rea` are one term. Each
-way of reading the prompt is a "view"; a term that matches any view matches the prompt.
+word (`ki-d`) joined again. Each way of reading the prompt is a "view"; a term that matches any view
+matches the prompt. Terms are folded the same way but keep their digits: `88` blocks "88", not "bb".
 """
 
 from __future__ import annotations
@@ -19,9 +19,18 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
+
+import re2
 
 MAX_TERM_LENGTH = 60  # AutoMod's own limit for a keyword
 MAX_TERMS = 1000  # AutoMod allows 1,000 keywords per rule
+# A term of fewer letters and digits would block half the prompts there are ("a", "c++").
+MIN_TERM_LETTERS = 2
+# Single letters in a row joined into a word from this many on: "k i d", but not "plan b, b w".
+MIN_SPELT_OUT = 3
+# RE2's memory for a server's compiled terms; a thousand terms need a few MiB.
+LITERALS_MEMORY = 64 << 20
 
 # Digits and symbols read as letters; what a word filter sees first when someone writes around it.
 _SWAPS = {
@@ -41,39 +50,21 @@ _SWAPS = {
     "£": "l",
     "¢": "c",
 }
-# Letters of other scripts that look like Latin ones (NFKC leaves them as they are).
-_LOOK_ALIKES = {
-    "а": "a",  # Cyrillic
-    "в": "b",
-    "е": "e",
-    "ё": "e",
-    "к": "k",
-    "м": "m",
-    "н": "h",
-    "о": "o",
-    "р": "p",
-    "с": "c",
-    "т": "t",
-    "у": "y",
-    "х": "x",
-    "і": "i",
-    "ї": "i",
-    "ј": "j",
-    "ѕ": "s",
-    "ԁ": "d",
-    "α": "a",  # Greek
-    "β": "b",
-    "ε": "e",
-    "ι": "i",
-    "κ": "k",
-    "ν": "v",
-    "ο": "o",
-    "ρ": "p",
-    "τ": "t",
-    "υ": "u",
-    "χ": "x",
-}
-_FOLD = str.maketrans({**_SWAPS, **_LOOK_ALIKES})
+# Letters of other scripts (and Latin small capitals) that look like Latin ones, by case, since a capital
+# and its small letter can look like different Latin letters (Greek capital nu is N, its small letter
+# v). NFKC leaves them.
+_LOOK_ALIKES = dict(
+    zip(
+        "АВЕКМНОРСТУХЅІЈԁаеорсуххіјѕкмнтвёїΑΒΕΖΗΙΚΜΝΟΡΤΥΧαβεικνορτυχηᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘʀꜱᴛᴜᴠᴡʏᴢıłȷ",
+        "ABEKMHOPCTYXSIJdaeopcyxxijskmhtbeiABEZHIKMNOPTYXabeikvoptuxnabcdefghijklmnoprstuvwyzilj",
+        strict=True,
+    )
+)
+# Invisible in text, yet letters to Unicode: the Hangul fillers.
+_INVISIBLE_LETTERS = dict.fromkeys(map(ord, "\u115f\u1160\u3164\uffa0"))
+_LOOK = str.maketrans({**_LOOK_ALIKES, **{chr(code): None for code in _INVISIBLE_LETTERS}})
+_SWAP_TO_I = str.maketrans(_SWAPS)
+_SWAP_TO_L = str.maketrans({**_SWAPS, "1": "l", "|": "l"})
 # Letters that are words of their own in common languages ("a", "I", "o", "e", "y", "u"): only these are
 # kept apart from a run of spelt-out letters, so "s k i d" stays "skid".
 _ONE_LETTER_WORDS = frozenset("aeiouy")
@@ -113,6 +104,8 @@ class Term:
         words = tuple(_WORD.findall(_fold(core)))
         if not words:
             raise TermError(f"“{cleaned}” has no letters or digits to match")
+        if sum(map(len, words)) < MIN_TERM_LETTERS:
+            raise TermError(f"“{cleaned}” is too short to block without blocking ordinary prompts")
         wildcard = (
             Wildcard.ANYWHERE
             if starts and ends
@@ -124,18 +117,18 @@ class Term:
         )
         return cls(cleaned, words, wildcard, tuple(_WORD.findall(core.casefold())) or words)
 
-    def pattern(self) -> str:
-        """A regular expression for this term over a view (words separated by single spaces)."""
-        return self._pattern(self.words, " ", r"(?<![^ ])", r"(?![^ ])")
+    def literal(self) -> str:
+        """What this term is in a view (" a kid here "): its words, with a space where a word must end."""
+        body = " ".join(self.words)
+        before = "" if self.wildcard in (Wildcard.SUFFIX, Wildcard.ANYWHERE) else " "
+        after = "" if self.wildcard in (Wildcard.PREFIX, Wildcard.ANYWHERE) else " "
+        return before + body + after
 
     def raw_pattern(self) -> str:
         """The same over text as written (case aside): words apart by anything but letters and digits."""
-        return self._pattern(self.written or self.words, r"[\W_]+", r"(?<![^\W_])", r"(?![^\W_])")
-
-    def _pattern(self, words: Sequence[str], between: str, word_start: str, word_end: str) -> str:
-        body = between.join(re.escape(word) for word in words)
-        before = "" if self.wildcard in (Wildcard.SUFFIX, Wildcard.ANYWHERE) else word_start
-        after = "" if self.wildcard in (Wildcard.PREFIX, Wildcard.ANYWHERE) else word_end
+        body = r"[\W_]+".join(re.escape(word) for word in self.written or self.words)
+        before = "" if self.wildcard in (Wildcard.SUFFIX, Wildcard.ANYWHERE) else r"(?<![^\W_])"
+        after = "" if self.wildcard in (Wildcard.PREFIX, Wildcard.ANYWHERE) else r"(?![^\W_])"
         return before + body + after
 
 
@@ -150,33 +143,34 @@ def parse_terms(text: str) -> list[Term]:
 
 
 def normalise(text: str) -> tuple[str, ...]:
-    """The views of `text` a term is matched against, each as lowercase words joined by single spaces.
+    """The views of `text` a term is matched against: lowercase words, each view padded and joined by
+    single spaces (" a kid here ").
 
-    1. every word as written, split at anything that is not a letter or digit;
-    2. each space-separated chunk with the punctuation inside it removed (`k.i.d`, `ki-d` → `kid`);
-    3. runs of single letters joined (`k i d` → `kid`), also with the run's first or last letter (or
-       both) left apart, for a word of one letter beside them (`a k i d`).
+    1. the words as written, split at anything that is not a letter or digit (`kid!` → `kid`; `88`);
+    2. the same with digits and symbols read as letters (`k1d`, `$`): once with 1 as i, once as l;
+    3. each space-separated chunk with the punctuation inside it removed (`k.i.d`, `ki-d` → `kid`);
+    4. runs of three or more single letters joined (`k i d` → `kid`), also with the run's first or
+       last letter (or both) left apart, when it is a word of its own (`a k i d`).
     """
     folded = _fold(text)
-    words = _WORD.findall(folded)
-    joined_chunks = ["".join(_WORD.findall(chunk)) for chunk in _CHUNK.findall(folded)]
-    views = [" ".join(words), " ".join(chunk for chunk in joined_chunks if chunk)]
-    # "a k i d": the run may start or end with a word of one letter of its own ("a", "i").
-    views += [" ".join(_join_letters(words, apart=apart)) for apart in ("", "first", "last", "both")]
-    return tuple(dict.fromkeys(views))
+    views = [_WORD.findall(folded)]
+    for swap in (_SWAP_TO_I, _SWAP_TO_L):
+        swapped = folded.translate(swap)
+        words = _WORD.findall(swapped)
+        views.append(words)
+        views.append([joined for chunk in _CHUNK.findall(swapped) if (joined := "".join(_WORD.findall(chunk)))])
+        views += [_join_letters(words, apart=apart) for apart in ("", "first", "last", "both")]
+    return tuple(dict.fromkeys(f" {' '.join(words)} " for words in views))
 
 
 def _fold(text: str) -> str:
-    # NFKC first (full-width letters, ligatures, superscripts), then case, then accents and marks.
-    decomposed = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text).casefold())
-    kept = (
-        char
-        for char in decomposed
-        # Marks (accents, combining overlays) and format characters (zero-width spaces and joiners,
-        # soft hyphens, direction marks) change nothing a reader sees in the word.
-        if unicodedata.category(char) not in ("Mn", "Me", "Cf")
-    )
-    return "".join(kept).translate(_FOLD)
+    """Compatibility forms (NFKC: full-width letters, ligatures), look-alike letters, then case, then
+    accents, marks and invisible characters dropped. Digits and symbols stay as they are."""
+    looked = unicodedata.normalize("NFKC", text).translate(_LOOK)
+    decomposed = unicodedata.normalize("NFD", looked.casefold())
+    # Marks (accents, combining overlays) and format characters (zero-width spaces and joiners, soft
+    # hyphens, direction marks) change nothing a reader sees in the word.
+    return "".join(char for char in decomposed if unicodedata.category(char) not in ("Mn", "Me", "Cf"))
 
 
 def _join_letters(words: Sequence[str], *, apart: str) -> list[str]:
@@ -185,7 +179,7 @@ def _join_letters(words: Sequence[str], *, apart: str) -> list[str]:
     joined: list[str] = []
     for spelt_out, group in itertools.groupby(words, key=lambda word: len(word) == 1):
         run = list(group)
-        if not spelt_out or len(run) < 2:
+        if not spelt_out or len(run) < MIN_SPELT_OUT:
             joined += run
             continue
         head = run[:1] if apart in ("first", "both") and run[0] in _ONE_LETTER_WORDS else []
@@ -197,33 +191,59 @@ def _join_letters(words: Sequence[str], *, apart: str) -> list[str]:
 
 class Blocklist:
     """Terms compiled into one expression: `match` returns the first term a prompt hits, or None;
-    `spans` where terms match in one text, for an allow list to cover."""
+    `spans` where terms match in one text, for an allow list to cover.
+
+    Every term is a literal in the views (words and spaces), so the expression is an alternation of
+    literals run by RE2: linear in the prompt whatever the number of terms, where a backtracking engine
+    tries each of a thousand terms at every position."""
 
     def __init__(self, terms: Iterable[Term]) -> None:
         self.terms = tuple(dict.fromkeys(terms))
-        self._view_pattern = _alternation(term.pattern() for term in self.terms)
-        self._raw_pattern = _alternation((term.raw_pattern() for term in self.terms), flags=re.IGNORECASE)
+        self._by_literal: dict[str, Term] = {}
+        for term in self.terms:
+            self._by_literal.setdefault(term.literal(), term)
+        self._view_pattern = _literals(self._by_literal) if self.terms else None
+        self._raw: re.Pattern[str] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.terms)
 
     def match(self, prompt: str) -> Term | None:
-        for view in normalise(prompt) if self.terms else ():
-            spans = self.spans(view)
-            if spans:
-                return spans[0][2]
+        if self._view_pattern is None:
+            return None
+        for view in normalise(prompt):
+            found = self._view_pattern.search(view)
+            if found is not None:
+                return self._by_literal[found.group()]
         return None
 
     def spans(self, text: str, *, raw: bool = False) -> list[tuple[int, int, Term]]:
         """Where terms match in `text`: a view from `normalise`, or (`raw`) the text as written."""
-        pattern = self._raw_pattern if raw else self._view_pattern
-        if pattern is None:
+        if not self.terms:
             return []
+        if raw:
+            if self._raw is None:
+                self._raw = _alternation((term.raw_pattern() for term in self.terms), flags=re.IGNORECASE)
+            pattern: Any = self._raw
+            return [
+                (found.start(), found.end(), self.terms[int(found.lastgroup[1:])])
+                for found in pattern.finditer(text)
+                if found.lastgroup is not None
+            ]
+        assert self._view_pattern is not None
         return [
-            (found.start(), found.end(), self.terms[int(found.lastgroup[1:])])
-            for found in pattern.finditer(text)
-            if found.lastgroup is not None
+            (found.start(), found.end(), self._by_literal[found.group()])
+            for found in self._view_pattern.finditer(text)
         ]
+
+
+def _literals(literals: Iterable[str]) -> Any:
+    options = re2.Options()
+    options.log_errors = False
+    options.max_mem = LITERALS_MEMORY
+    # Longest first, so that of two terms matching at one place the longer one is named.
+    ordered = sorted(literals, key=len, reverse=True)
+    return re2.compile("|".join(ordered), options)
 
 
 def _alternation(patterns: Iterable[str], *, flags: int = 0) -> re.Pattern[str] | None:
