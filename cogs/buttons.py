@@ -13,6 +13,7 @@ unexpected error into a reply with an error id.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -71,6 +72,7 @@ class JobButton(
         )
         self.job_id = job_id
         self.job = job
+        self.banned: str | None = None  # what a banned presser is told
         self.answered = False
 
     @classmethod
@@ -87,7 +89,10 @@ class JobButton(
     ) -> Self:
         button = cls(match["job_id"])
         async with button.answering(interaction), before_answering():
-            button.job = await interaction.client.store.get_job(button.job_id)
+            # Together: each is a trip to the store, and the press must be answered within 3 s.
+            button.job, button.banned = await asyncio.gather(
+                interaction.client.store.get_job(button.job_id), ban_refusal(interaction)
+            )
         return button
 
     async def interaction_check(self, interaction: discord.Interaction[DreamshaperBot], /) -> bool:
@@ -95,9 +100,8 @@ class JobButton(
             return False
         if self.job is None:
             return await refuse(interaction, TOO_OLD)
-        banned = await ban_refusal(interaction)
-        if banned is not None:
-            return await refuse(interaction, banned)
+        if self.banned is not None:
+            return await refuse(interaction, self.banned)
         return True
 
     @property
