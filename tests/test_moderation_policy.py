@@ -103,3 +103,10 @@ async def test_strikes_ban_automatically_once_the_server_set_them(backend: Backe
     assert ban is not None and ban.by_id is None and ban.until == clock.now + 6 * HOUR
     assert "2 blocked prompts" in ban.reason
     assert await moderation.active_ban(GUILD, MEMBER) == ban
+    # The ban answered those strikes: lifted, one more blocked prompt does not ban again at once.
+    assert await moderation.unban(GUILD, MEMBER) is True
+    assert await moderation.strike(GUILD, MEMBER) is None
+    clock.now += 7 * HOUR  # likewise once a ban has run out
+    assert await moderation.strike(GUILD, MEMBER) is not None
+    clock.now += 7 * HOUR
+    assert await moderation.strike(GUILD, MEMBER) is None

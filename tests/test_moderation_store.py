@@ -90,3 +90,6 @@ async def test_strikes_count_within_their_window_per_member_and_server(backend: 
     assert await store.add_strike(OTHER_GUILD, MEMBER, NOW, DAY) == 1
     # A day after the first two, only the third and this one are within the window.
     assert await store.add_strike(GUILD, MEMBER, NOW + DAY + HOUR, DAY) == 2
+    await store.clear_strikes(GUILD, MEMBER)
+    assert await store.add_strike(GUILD, MEMBER, NOW + DAY + 2 * HOUR, DAY) == 1
+    assert await store.add_strike(GUILD, OTHER_MEMBER, NOW + HOUR, DAY) == 2  # others keep theirs

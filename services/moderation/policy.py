@@ -133,10 +133,14 @@ class Moderation:
         now = self._clock()
         ban = Ban(guild_id, user_id, None if hours is None else now + hours * HOUR, reason[:500], by_id, now)
         await self._store.set_ban(ban)
+        # The ban answers the strikes so far: once it ends (or is lifted) the member starts afresh.
+        await self._store.clear_strikes(guild_id, user_id)
         return ban
 
     async def unban(self, guild_id: int, user_id: int) -> bool:
-        return await self._store.lift_ban(guild_id, user_id, self._clock())
+        lifted = await self._store.lift_ban(guild_id, user_id, self._clock())
+        await self._store.clear_strikes(guild_id, user_id)
+        return lifted
 
     async def bans(self, guild_id: int) -> list[Ban]:
         return await self._store.list_bans(guild_id, self._clock())

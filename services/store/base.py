@@ -337,6 +337,8 @@ class Store(Protocol):
         """Records a strike at `at`; returns the member's strikes within the `window` seconds up to it."""
         ...
 
+    async def clear_strikes(self, guild_id: int, user_id: int) -> None: ...
+
     # The Segmind request budget: several processes on one API key must keep to one limit together.
     def shared_request_window(self, account: str) -> SharedWindow | None:
         """The request window every process on this store spending `account`'s budget shares, or None

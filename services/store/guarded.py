@@ -221,6 +221,9 @@ class GuardedStore:
     async def add_strike(self, guild_id: int, user_id: int, at: float, window: float) -> int:
         return await self._guard(self.backend.add_strike(guild_id, user_id, at, window))
 
+    async def clear_strikes(self, guild_id: int, user_id: int) -> None:
+        await self._guard(self.backend.clear_strikes(guild_id, user_id))
+
     def shared_request_window(self, account: str) -> SharedWindow | None:
         window = self.backend.shared_request_window(account)
         return None if window is None else GuardedWindow(self, window)

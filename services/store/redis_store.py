@@ -599,6 +599,9 @@ class RedisStore:
             *_, count, _expiry = await pipe.execute()
         return int(count)
 
+    async def clear_strikes(self, guild_id: int, user_id: int) -> None:
+        await self._redis.delete(self._guild_key(guild_id, f"strikes:{int(user_id)}"))
+
     # --- request budget ---
 
     def shared_request_window(self, account: str) -> RedisRequestWindow:

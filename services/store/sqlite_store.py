@@ -544,6 +544,13 @@ class SQLiteStore:
 
         return await self._write(strike)
 
+    async def clear_strikes(self, guild_id: int, user_id: int) -> None:
+        await self._write(
+            lambda db: db.execute(
+                "DELETE FROM strikes WHERE guild_id = ? AND user_id = ?", (guild_id, user_id)
+            )
+        )
+
     # --- request budget ---
 
     def shared_request_window(self, account: str) -> None:
