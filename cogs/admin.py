@@ -14,7 +14,7 @@ from discord.ext import commands
 from cogs import render
 from services.moderation.policy import Moderation
 from services.moderation.settings import NO_LIMIT, GuildSettings, Scope
-from services.moderation.terms import TermError, parse_terms
+from services.moderation.terms import Term, TermError, parse_terms
 
 if TYPE_CHECKING:
     from cogs.app import DreamshaperBot
@@ -236,14 +236,14 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
         return embed
 
 
-def _terms(text: str) -> list:  # type: ignore[type-arg]
+def _terms(text: str) -> list[Term]:
     try:
         return parse_terms(text)
     except TermError as error:
         raise render.Refusal(f"{error}.") from None
 
 
-def _with_terms(settings: GuildSettings, terms: list, scope: Scope) -> GuildSettings:  # type: ignore[type-arg]
+def _with_terms(settings: GuildSettings, terms: list[Term], scope: Scope) -> GuildSettings:
     try:
         return settings.with_terms(terms, scope)
     except TermError as error:
