@@ -13,7 +13,7 @@ from discord.ext import commands
 
 from cogs import render
 from services.moderation.policy import Moderation
-from services.moderation.settings import NO_LIMIT, GuildSettings, Scope
+from services.moderation.settings import MAX_ROLE_TIERS, NO_LIMIT, GuildSettings, Scope
 from services.moderation.terms import Term, TermError, parse_terms
 
 if TYPE_CHECKING:
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 MAX_BAN_HOURS = 24 * 365
 MAX_STRIKE_BLOCKS = 100
+MAX_DAILY_IMAGES = 100_000
+MAX_CONCURRENT_JOBS = 50
 SCOPES = [
     app_commands.Choice(name="everywhere", value=Scope.EVERYWHERE.value),
     app_commands.Choice(name="outside age-restricted channels", value=Scope.OUTSIDE_NSFW.value),
@@ -79,6 +81,72 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
         old = before.modlog_channel_id or self.bot.config.mod_log_channel_id
         await self._log_and_reply(
             interaction, f"set the mod log {f'<#{old}>' if old else 'none'} → {channel.mention}"
+        )
+
+    @app_commands.command(name="quota", description="This server's limits for each member")
+    @app_commands.describe(
+        daily="Images per member per day (0: only members with a role tier may generate)",
+        concurrent="Jobs a member may have running at once",
+    )
+    async def quota(
+        self,
+        interaction: discord.Interaction[DreamshaperBot],
+        daily: app_commands.Range[int, 0, MAX_DAILY_IMAGES] | None = None,
+        concurrent: app_commands.Range[int, 1, MAX_CONCURRENT_JOBS] | None = None,
+    ) -> None:
+        if daily is None and concurrent is None:
+            raise render.Refusal("Give `daily`, `concurrent` or both; /admin settings shows what is set now.")
+
+        def edit(settings: GuildSettings) -> GuildSettings:
+            return replace(
+                settings,
+                daily_images=settings.daily_images if daily is None else daily,
+                max_concurrent=settings.max_concurrent if concurrent is None else concurrent,
+            )
+
+        before, _ = await self.moderation.change(_guild_id(interaction), edit)
+        defaults = self.bot.config
+        changes = []
+        if daily is not None:
+            changes.append(
+                f"the daily images {_or(before.daily_images, defaults.quota_daily_images)} → {daily}"
+            )
+        if concurrent is not None:
+            old = _or(before.max_concurrent, defaults.quota_max_concurrent)
+            changes.append(f"the jobs at once {old} → {concurrent}")
+        await self._log_and_reply(interaction, "set " + " and ".join(changes))
+
+    @app_commands.command(name="role", description="A daily limit for members with a role")
+    @app_commands.describe(
+        role="The role",
+        daily="Images per day for its members (0: may not generate, -1: no limit; leave out to remove)",
+    )
+    async def role(
+        self,
+        interaction: discord.Interaction[DreamshaperBot],
+        role: discord.Role,
+        daily: app_commands.Range[int, NO_LIMIT, MAX_DAILY_IMAGES] | None = None,
+    ) -> None:
+        guild_id = _guild_id(interaction)
+        if role.id == guild_id:
+            raise render.Refusal("@everyone is every member: set its limit with /admin quota.")
+
+        def edit(settings: GuildSettings) -> GuildSettings:
+            tiers = dict(settings.role_tiers)
+            if daily is None:
+                tiers.pop(role.id, None)
+            else:
+                tiers[role.id] = daily
+            if len(tiers) > MAX_ROLE_TIERS:
+                raise render.Refusal(f"A server can have at most {MAX_ROLE_TIERS} role tiers.")
+            return replace(settings, role_tiers=tiers)
+
+        before, _ = await self.moderation.change(guild_id, edit)
+        old = before.role_tiers.get(role.id)
+        if daily is None and old is None:
+            raise render.Refusal(f"{role.mention} has no tier here.")
+        await self._log_and_reply(
+            interaction, f"set the daily images of {role.mention} {_tier(old)} → {_tier(daily)}"
         )
 
     @app_commands.command(

@@ -85,12 +85,17 @@ class Imagine(commands.Cog):
 
     @app_commands.command(name="quota", description="Show how many images you have left")
     async def quota(self, interaction: discord.Interaction[DreamshaperBot]) -> None:
+        guild_id = interaction.guild_id
         async with before_answering():
-            usage = await self.bot.quota.usage(interaction.user.id)
-        exempt = self.bot.quota.is_exempt(member_role_ids(interaction.user))
-        await interaction.response.send_message(
-            embed=render.quota_usage_embed(usage, exempt=exempt), ephemeral=True
-        )
+            settings = None if guild_id is None else await self.bot.moderation.settings(guild_id)
+            limits = self.bot.quota.limits_for(member_role_ids(interaction.user), settings)
+            usage = (
+                None if limits is None else await self.bot.quota.usage(interaction.user.id, guild_id, limits)
+            )
+        if usage is None:
+            await send_ephemeral(interaction, render.may_not_generate_reply())
+            return
+        await interaction.response.send_message(embed=render.quota_usage_embed(usage), ephemeral=True)
 
     @app_commands.command(
         name="jobs", description="Your recent image requests, and results that could not be posted"

@@ -66,6 +66,12 @@ async def _record_job(
     bot = interaction.client
     if interaction.guild_id is None and not bot.config.allow_direct_messages:
         return render.direct_messages_off_reply()
+    user = interaction.user
+    role_ids = member_role_ids(user)
+    settings = None if interaction.guild_id is None else await bot.moderation.settings(interaction.guild_id)
+    limits = bot.quota.limits_for(role_ids, settings)
+    if limits is None:
+        return render.may_not_generate_reply()
     if interaction.guild_id is not None:
         block = await _blocked(interaction, interaction.guild_id, request.prompt)
         if block is not None:
@@ -79,7 +85,6 @@ async def _record_job(
     # Read from the store at most once a second, however many commands arrive (the store's flag cache).
     if await bot.jobs.credits_exhausted_until():
         return render.credits_exhausted_reply()
-    user = interaction.user
     now = time.time()
     job = JobRecord(
         id=new_job_id(),
@@ -88,7 +93,7 @@ async def _record_job(
         channel_id=interaction.channel_id,
         # The seed is drawn now, so the record the job runs from is the one it was reserved with.
         request=request.with_concrete_seed().to_payload(),
-        reservation_id=new_reservation_id(user.id),
+        reservation_id=new_reservation_id(user.id, interaction.guild_id),
         state=JobState.PENDING,
         created_at=now,
         updated_at=now,
@@ -103,7 +108,7 @@ async def _record_job(
     # Reserved and saved in one step, before Discord shows "thinking…": from this record on, the job and
     # its reservation belong to whichever process runs it, even if this one dies a millisecond later.
     try:
-        outcome = await bot.quota.reserve_job(job, request.samples, member_role_ids(user))
+        outcome = await bot.quota.reserve_job(job, request.samples, limits)
     except BaseException:
         # The step may still land after its caller gave up: it is undone in the background, so the
         # member's answer is not held up by the store that just failed.

@@ -23,7 +23,7 @@ from services.segmind import (
     RateLimited,
     Unauthorized,
 )
-from services.store.base import Ban, JobRecord, JobState, QuotaRefusal, QuotaUsage
+from services.store.base import UNLIMITED, Ban, JobRecord, JobState, QuotaRefusal, QuotaUsage
 from services.store.guarded import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -197,9 +197,9 @@ def quota_refusal_reply(refusal: QuotaRefusal, requested: int) -> str:
     )
 
 
-def quota_usage_embed(usage: QuotaUsage, *, exempt: bool) -> discord.Embed:
+def quota_usage_embed(usage: QuotaUsage) -> discord.Embed:
     embed = discord.Embed(title="Your image quota", colour=discord.Colour.green())
-    if exempt:
+    if usage.daily_limit >= UNLIMITED:
         embed.description = (
             f"Your role has no quota. You generated {usage.used_images} image(s) in the last 24 hours."
         )
@@ -335,6 +335,12 @@ def banned_reply(ban: Ban) -> str:
 
 def direct_messages_off_reply() -> str:
     return "🔒 This bot makes images in servers only; use /imagine in a server you share with it."
+
+
+def may_not_generate_reply() -> str:
+    return (
+        "🔒 Your roles in this server don't include making images; ask its admins if you think they should."
+    )
 
 
 def blocked_prompt_reply() -> str:

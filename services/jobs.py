@@ -368,7 +368,9 @@ class JobService:
         """Counts a failed delivery; the job stays completed for the next sweep until the attempts run out."""
         attempts = job.delivery_attempts + 1
         if attempts >= MAX_DELIVERY_ATTEMPTS:
-            return await self.mark_undeliverable(job.evolve(job.updated_at, delivery_attempts=attempts), reason)
+            return await self.mark_undeliverable(
+                job.evolve(job.updated_at, delivery_attempts=attempts), reason
+            )
         job = await self.record(job, delivery_attempts=attempts, error=reason[:500])
         log.warning(
             "job %s: delivery attempt %d of %d failed (%s); the next sweep tries again",

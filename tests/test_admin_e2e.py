@@ -8,7 +8,13 @@ from devtools.stack import BotStack
 from tests.conftest import StackFactory
 
 MEMBER = 1_111_111_111_111_111_111
+ARTIST = 1_111_111_111_111_111_112
+GUEST = 1_111_111_111_111_111_113
 ADMIN = 3_333_333_333_333_333_333
+ARTISTS_ROLE = 1_400_000_000_000_000_001
+GUESTS_ROLE = 1_400_000_000_000_000_002
+OTHER_GUILD = 1_500_000_000_000_000_000
+OTHER_CHANNEL = 1_500_000_000_000_000_001
 MANAGE_GUILD = 1 << 5
 ADMIN_PERMISSIONS = DEFAULT_MEMBER_PERMISSIONS | MANAGE_GUILD
 
@@ -49,7 +55,7 @@ async def test_a_blocked_prompt_is_refused_before_anything_is_spent_and_the_mod_
     text = reply_of(refused)
     assert "rules don't allow this prompt" in text and "kid" not in text  # not which word
     assert stack.segmind.stats.submits == []
-    usage = await stack.bot.quota.usage(MEMBER)
+    usage = await stack.bot.quota.usage(MEMBER, stack.discord.guild_id)
     assert usage.used_images == 0 and usage.in_flight == 0
     await stack.discord.wait_for(lambda: any("matched `kid`" in m.content for m in mod_log(stack)))
     entry = next(m for m in mod_log(stack) if "matched `kid`" in m.content)
@@ -182,3 +188,55 @@ async def test_imagine_in_direct_messages_is_off_unless_the_operator_turns_it_on
     on = await make_stack(DISCORD_GUILD_IDS="", ALLOW_DIRECT_MESSAGES="true")
     made = await dm_imagine(on, "a lighthouse")
     assert made.original is not None and made.original.attachments
+
+
+def delivered(handle: InteractionHandle) -> bool:
+    return handle.original is not None and bool(handle.original.attachments)
+
+
+async def test_a_servers_quota_and_role_tiers_hold_per_member_per_server(make_stack: StackFactory) -> None:
+    # Commands synced globally, so that they can be used in a second server too.
+    stack = await make_stack(DISCORD_GUILD_IDS="")
+    stack.discord.add_role(ARTISTS_ROLE, "artists")
+    stack.discord.add_role(GUESTS_ROLE, "guests")
+    assert "Give `daily`, `concurrent` or both" in reply_of(await admin(stack, "quota"))
+    assert reply_of(await admin(stack, "quota", daily=1)) == "Done: set the daily images 20 → 1."
+    tier = await admin(stack, "role", role=ARTISTS_ROLE, daily=3)
+    assert reply_of(tier) == f"Done: set the daily images of <@&{ARTISTS_ROLE}> none → 3 a day."
+    await admin(stack, "role", role=GUESTS_ROLE, daily=0)
+    await stack.discord.wait_for(lambda: any("the daily images 20 → 1" in m.content for m in mod_log(stack)))
+    assert any(f"<@{ADMIN}> set the daily images 20 → 1" in m.content for m in mod_log(stack))
+
+    assert delivered(await stack.imagine(prompt="a lighthouse", user_id=MEMBER))
+    over = await stack.imagine(prompt="another lighthouse", user_id=MEMBER)
+    assert "have 0 left" in reply_of(over)
+    assert delivered(
+        await stack.imagine(prompt="a lighthouse", samples=3, user_id=ARTIST, roles=[ARTISTS_ROLE])
+    )
+    refused = await stack.imagine(prompt="a lighthouse", user_id=GUEST, roles=[GUESTS_ROLE])
+    assert "roles in this server don't include making images" in reply_of(refused)
+    # The most generous tier a member holds wins.
+    both = await stack.imagine(prompt="a lighthouse", user_id=GUEST, roles=[GUESTS_ROLE, ARTISTS_ROLE])
+    assert delivered(both)
+    assert len(stack.segmind.stats.submits) == 3
+
+    quota = await stack.discord.send_slash_command("quota", {}, user_id=MEMBER)
+    await stack.settled(quota, 10)
+    assert quota.callback is not None
+    fields = {f["name"]: f["value"] for f in quota.callback.data["embeds"][0]["fields"]}
+    assert fields["Used (24 h)"] == "1 / 1"
+
+    # Another server has its own limits (the defaults) and its own count for the same member.
+    stack.discord.add_guild(OTHER_GUILD, OTHER_CHANNEL)
+    elsewhere = await stack.discord.send_slash_command(
+        "imagine", {"prompt": "a lighthouse"}, user_id=MEMBER, channel_id=OTHER_CHANNEL
+    )
+    await stack.settled(elsewhere, 20)
+    assert delivered(elsewhere)
+    assert (await stack.bot.quota.usage(MEMBER, OTHER_GUILD)).used_images == 1
+
+    removed = await admin(stack, "role", role=ARTISTS_ROLE)
+    assert reply_of(removed) == f"Done: set the daily images of <@&{ARTISTS_ROLE}> 3 a day → none."
+    assert "has no tier here" in reply_of(await admin(stack, "role", role=ARTISTS_ROLE))
+    everyone = await admin(stack, "role", role=stack.discord.guild_id, daily=5)
+    assert "set its limit with /admin quota" in reply_of(everyone)

@@ -135,5 +135,5 @@ async def test_a_job_that_lands_after_its_member_was_told_nothing_started_is_wit
     await stack.bot.runner.sweep()
     await asyncio.sleep(0.5)
     assert stack.segmind.stats.submits == []
-    usage = await stack.bot.quota.usage(DEFAULT_USER_ID)
+    usage = await stack.bot.quota.usage(DEFAULT_USER_ID, stack.discord.guild_id)
     assert (usage.used_images, usage.in_flight) == (0, 0)

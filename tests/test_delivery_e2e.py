@@ -144,4 +144,4 @@ async def test_commands_during_shutdown_are_told_to_come_back(make_stack: StackF
     callback = handle.callback
     assert callback is not None and "restarting" in callback.data["content"]
     assert stack.segmind.stats.submits == []
-    assert (await stack.bot.quota.usage(USER)).used_images == 0
+    assert (await stack.bot.quota.usage(USER, stack.discord.guild_id)).used_images == 0

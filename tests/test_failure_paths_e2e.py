@@ -143,7 +143,7 @@ async def test_a_locked_sqlite_file_still_gets_every_command_answered_in_time(
     assert not stack.segmind.stats.submits
     handle = await stack.imagine(prompt="after the lock", timeout=30)
     assert handle.original is not None and handle.original.attachments
-    usage = await stack.bot.quota.usage(USER)
+    usage = await stack.bot.quota.usage(USER, stack.discord.guild_id)
     assert usage.used_images == 1 and usage.in_flight == 0
 
 
@@ -208,13 +208,13 @@ async def test_a_reservation_no_saved_job_owns_is_given_back(make_stack: StackFa
     limits = QuotaLimits(daily_images=20, max_concurrent=3)
     # What a process that died between reserving and saving leaves behind, ten minutes ago.
     for _ in range(3):
-        await stack.bot.store.reserve(USER, 1, limits, time.time() - 600)
+        await stack.bot.store.reserve(USER, 1, limits, time.time() - 600, guild_id=stack.discord.guild_id)
     refused = await stack.discord.send_slash_command("imagine", {"prompt": "stuck behind ghosts"})
     await refused.wait_for_callback()
     assert "already have 3" in reply_text(refused)
 
     await stack.bot.runner.sweep()
-    usage = await stack.bot.quota.usage(USER)
+    usage = await stack.bot.quota.usage(USER, stack.discord.guild_id)
     assert usage.in_flight == 0 and usage.used_images == 0
     handle = await stack.imagine(prompt="free again")
     assert handle.original is not None and handle.original.attachments
@@ -227,7 +227,7 @@ async def test_one_unreadable_record_does_not_stop_the_sweep(make_stack: StackFa
     # A record from a newer version, with a state this one does not know.
     odd = {"id": "unknown-state", "user_id": USER, "request": {}, "state": "paused", "created_at": 1.0}
     await raw.write_job("unknown-state", json.dumps(odd))
-    reservation = await stack.bot.quota.reserve(USER, 1)
+    reservation = await stack.bot.quota.reserve(USER, 1, guild_id=stack.discord.guild_id)
     assert isinstance(reservation, Reservation)
     job = JobRecord(
         id=new_job_id(),
@@ -368,4 +368,4 @@ async def test_a_job_that_cannot_get_a_slot_in_time_is_told_when_to_try_again(
     text = second.original.content
     assert re.search(r"try again at <t:\d+:T>", text) and "not charged" in text, text
     assert len(stack.segmind.stats.submits) == 1
-    assert (await stack.bot.quota.usage(OTHER_USER)).in_flight == 0
+    assert (await stack.bot.quota.usage(OTHER_USER, stack.discord.guild_id)).in_flight == 0

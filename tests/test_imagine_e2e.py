@@ -119,7 +119,7 @@ async def test_out_of_range_values_from_a_raw_interaction_are_refused_and_nothin
         await stack.settled(bad)
         assert "`prompt`" in ephemeral_text(bad) and allowed in ephemeral_text(bad)
     assert stack.segmind.stats.submits == []
-    usage = await stack.bot.quota.usage(1_111_111_111_111_111_111)
+    usage = await stack.bot.quota.usage(1_111_111_111_111_111_111, stack.discord.guild_id)
     assert usage.used_images == 0 and usage.in_flight == 0
 
 
@@ -180,7 +180,7 @@ async def test_out_of_credits_is_explained_reported_and_cooled_off(make_stack: S
     again = await stack.imagine(prompt="another cat")
     assert "out of Segmind credits" in ephemeral_text(again)
     assert len(stack.segmind.stats.requests_to("submit")) == 1
-    assert (await stack.bot.quota.usage(1_111_111_111_111_111_111)).used_images == 0
+    assert (await stack.bot.quota.usage(1_111_111_111_111_111_111, stack.discord.guild_id)).used_images == 0
 
 
 async def test_rate_limit_waits_for_a_slot_then_delivers(make_stack: StackFactory) -> None:
@@ -213,7 +213,7 @@ async def test_content_block_is_explained_and_reported_to_moderators(make_stack:
     report = next(m for m in channel_messages(stack) if request_id in m.content)
     assert BLOCKED_WORD in report.content and "1111111111111111111" in report.content
     assert report.allowed_mentions == {"parse": []}
-    assert (await stack.bot.quota.usage(1_111_111_111_111_111_111)).used_images == 0
+    assert (await stack.bot.quota.usage(1_111_111_111_111_111_111, stack.discord.guild_id)).used_images == 0
 
 
 async def test_a_bad_key_is_a_configuration_problem_with_an_error_id(make_stack: StackFactory) -> None:
@@ -327,5 +327,3 @@ def channel_messages(stack: BotStack) -> list[StoredMessage]:
         for m in stack.discord.messages.values()
         if m.channel_id == stack.discord.channel_id and m.interaction_id is None and m.webhook_id is None
     ]
-
-

@@ -276,7 +276,9 @@ async def test_outputs_beyond_the_samples_asked_for_are_not_fetched(
     assert sum(r.target == "output" for r in server.stats.requests) == 2
 
 
-async def test_a_multi_picture_jpeg_is_delivered_as_a_jpeg(service: JobService, server: SegmindServer) -> None:
+async def test_a_multi_picture_jpeg_is_delivered_as_a_jpeg(
+    service: JobService, server: SegmindServer
+) -> None:
     server.inject("odd_image", target="output", format="mpo")
     job = await new_job(service, GenerationRequest(prompt="x"))
     generated = await service.run(job, lambda _p: None)

@@ -267,7 +267,9 @@ class Outcome:
     late: float  # from the end to the check that saw it
 
 
-def simulate(new_schedule: Callable[[], PollSchedule | FixedPollSchedule], queue: float, run: float) -> Outcome:
+def simulate(
+    new_schedule: Callable[[], PollSchedule | FixedPollSchedule], queue: float, run: float
+) -> Outcome:
     """One job that queues for `queue` s and runs `run` s, checked as the schedule says."""
     polls = new_schedule()
     at, checks = SUBMITTED_AT, 0
@@ -281,9 +283,9 @@ def simulate(new_schedule: Callable[[], PollSchedule | FixedPollSchedule], queue
             return Outcome(checks, elapsed - queue - run)
 
 
-def compare(draw: Callable[[random.Random], tuple[float, float]], request: GenerationRequest) -> tuple[
-    list[Outcome], list[Outcome]
-]:
+def compare(
+    draw: Callable[[random.Random], tuple[float, float]], request: GenerationRequest
+) -> tuple[list[Outcome], list[Outcome]]:
     """The learnt schedule and a fixed 1 s poller on the same 400 draws, after 64 jobs to learn from."""
     rng = random.Random(11)
     model = DurationModel()

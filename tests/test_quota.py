@@ -6,13 +6,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from services.moderation.settings import NO_LIMIT, GuildSettings
 from services.quota import QuotaGuard
 from services.store import QuotaLimits, QuotaRefusal, Reservation, Store, open_store
+from services.store.base import UNLIMITED
 
 START = 1_750_000_000.0
 HOUR = 3600.0
 LIMITS = QuotaLimits(daily_images=4, max_concurrent=2)
 ADMIN_ROLE = 900
+SERVER = 10
+ARTISTS, GUESTS, PATRONS = 31, 32, 33
 
 
 class FakeClock:
@@ -66,13 +70,13 @@ async def test_limits_apply_and_roll_with_the_clock(guard: QuotaGuard, clock: Fa
 async def test_concurrency_limit(guard: QuotaGuard) -> None:
     await guard.reserve(1, 1)
     await guard.reserve(1, 1)
-    refusal = await guard.reserve(1, 1, role_ids=[5, 6])
+    refusal = await guard.reserve(1, 1, guard.limits_for([5, 6]))
     assert isinstance(refusal, QuotaRefusal)
     assert (refusal.reason, refusal.in_flight) == ("concurrent", 2)
 
 
 async def test_exempt_roles_bypass_limits_but_are_recorded(guard: QuotaGuard) -> None:
-    reservations = [await guard.reserve(1, 4, role_ids=[5, ADMIN_ROLE]) for _ in range(3)]
+    reservations = [await guard.reserve(1, 4, guard.limits_for([5, ADMIN_ROLE])) for _ in range(3)]
     assert all(isinstance(r, Reservation) for r in reservations)
 
     usage = await guard.usage(1)
@@ -113,3 +117,47 @@ async def test_usage_reads_the_guard_clock(guard: QuotaGuard, clock: FakeClock) 
     clock.advance(24 * HOUR)
     usage = await guard.usage(1)
     assert (usage.used_images, usage.remaining_images, usage.resets_at) == (0, 4, None)
+
+
+def test_a_server_without_settings_has_the_defaults(guard: QuotaGuard) -> None:
+    assert guard.limits_for([5]) == LIMITS
+    assert guard.limits_for([5], GuildSettings(SERVER)) == LIMITS
+
+
+def test_a_server_sets_its_own_limits_and_role_tiers(guard: QuotaGuard) -> None:
+    settings = GuildSettings(
+        SERVER,
+        daily_images=20,
+        max_concurrent=3,
+        role_tiers={ARTISTS: 100, GUESTS: 0, PATRONS: NO_LIMIT},
+    )
+
+    def daily(*roles: int) -> int | None:
+        limits = guard.limits_for(roles, settings)
+        return None if limits is None else limits.daily_images
+
+    assert daily() == 20
+    assert daily(ARTISTS) == 100
+    assert daily(GUESTS) is None  # may not generate: no limits at all
+    # The most generous tier a member holds wins.
+    assert daily(GUESTS, ARTISTS) == 100
+    assert daily(ARTISTS, PATRONS) == UNLIMITED
+    # `QUOTA_EXEMPT_ROLE_IDS` stays a default that lifts every limit.
+    assert daily(GUESTS, ADMIN_ROLE) == UNLIMITED
+    limits = guard.limits_for([ARTISTS], settings)
+    assert limits is not None and limits.max_concurrent == 3
+
+
+def test_a_server_daily_limit_of_zero_stops_members_without_a_tier(guard: QuotaGuard) -> None:
+    settings = GuildSettings(SERVER, daily_images=0, role_tiers={ARTISTS: 5})
+    assert guard.limits_for([], settings) is None
+    limits = guard.limits_for([ARTISTS], settings)
+    assert limits is not None and limits.daily_images == 5
+
+
+async def test_limits_are_per_member_per_server(guard: QuotaGuard) -> None:
+    assert isinstance(await guard.reserve(1, 4, guild_id=SERVER), Reservation)
+    assert isinstance(await guard.reserve(1, 1, guild_id=SERVER), QuotaRefusal)
+    assert isinstance(await guard.reserve(1, 4, guild_id=SERVER + 1), Reservation)
+    assert (await guard.usage(1, SERVER)).used_images == 4
+    assert (await guard.usage(1)).used_images == 0

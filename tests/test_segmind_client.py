@@ -465,7 +465,9 @@ async def test_a_result_url_that_does_not_answer_early_sends_the_client_back_to_
     await server.start()
     try:
         client = await busy_client(session, server.base_url)
-        client.durations = DurationModel(seconds_per_unit=0.0001, queue_seconds=0.01)  # expects it done at once
+        client.durations = DurationModel(
+            seconds_per_unit=0.0001, queue_seconds=0.01
+        )  # expects it done at once
         outcomes = []
         for n in range(6):  # a few odd answers in a row, not one, turn the early checks off
             job = await client.submit(GenerationRequest(prompt=f"not yet {n}", img_width=512, img_height=512))

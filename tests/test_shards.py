@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from pathlib import Path
 
 from devtools.launcher import BotLauncher
@@ -27,7 +28,7 @@ async def start_two_shards(processes: BotLauncher, tmp_path: Path, **env: str) -
     return database, [first, second]
 
 
-async def test_the_quota_holds_exactly_across_two_processes(
+async def test_each_servers_quota_holds_exactly_with_two_processes(
     bot_processes: BotLauncher, tmp_path: Path
 ) -> None:
     await start_two_shards(bot_processes, tmp_path, QUOTA_DAILY_IMAGES="3", QUOTA_MAX_CONCURRENT="10")
@@ -46,11 +47,13 @@ async def test_the_quota_holds_exactly_across_two_processes(
     await discord.wait_for(lambda: all(h.callback is not None for h in handles), timeout=20)
     refused = [h for h in handles if h.callback is not None and h.callback.type == 4]
     accepted = [h for h in handles if h.callback is not None and h.callback.type == 5]
-    assert len(refused) == 7 and len(accepted) == 3
+    # A member's limits are per server: three images in each.
+    assert len(refused) == 4 and len(accepted) == 6
+    assert Counter(h.guild_id for h in accepted) == {discord.guild_id: 3, SECOND_GUILD_ID: 3}
     await discord.wait_for(
         lambda: all(h.original is not None and h.original.attachments for h in accepted), timeout=60
     )
-    assert len(bot_processes.segmind.stats.submits) == 3
+    assert len(bot_processes.segmind.stats.submits) == 6
     # Both processes took commands: each shard answered the guild Discord routed to it.
     answered_guilds = {h.guild_id for h in handles}
     assert answered_guilds == {discord.guild_id, SECOND_GUILD_ID}

@@ -120,7 +120,8 @@ async def test_two_budgets_on_one_window_keep_the_limit_together_and_both_get_sl
 ) -> None:
     limit, window, run_for = 6, 2.0, 5.0
     budgets = [
-        RequestBudget(limit, window=window, shared=store.shared_request_window(ACCOUNT)) for store in two_stores
+        RequestBudget(limit, window=window, shared=store.shared_request_window(ACCOUNT))
+        for store in two_stores
     ]
     granted: list[tuple[float, int]] = []
     stop_at = time.monotonic() + run_for

@@ -28,6 +28,7 @@ from services.store import (
     new_job_id,
     open_store,
 )
+from services.store.base import new_reservation_id
 from services.store.redis_store import RedisStore
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -249,6 +250,33 @@ async def test_users_have_separate_quotas(store: Store) -> None:
     await _reserve_ok(store, 1, 5, LIMITS, NOW)
     await _reserve_ok(store, 2, 5, LIMITS, NOW)
     assert (await store.usage(2, LIMITS, NOW)).used_images == 5
+
+
+async def test_a_member_has_a_quota_in_each_server_and_in_direct_messages(store: Store) -> None:
+    in_one = await store.reserve(1, 5, LIMITS, NOW, guild_id=10)
+    assert isinstance(in_one, Reservation)
+    assert isinstance(await store.reserve(1, 1, LIMITS, NOW, guild_id=10), QuotaRefusal)
+    # The same member in another server, and in direct messages, starts afresh.
+    assert isinstance(await store.reserve(1, 5, LIMITS, NOW, guild_id=20), Reservation)
+    assert isinstance(await store.reserve(1, 2, LIMITS, NOW), Reservation)
+    assert (await store.usage(1, LIMITS, NOW, guild_id=10)).used_images == 5
+    assert (await store.usage(1, LIMITS, NOW)).used_images == 2
+
+    await store.refund(in_one.id)  # the id alone finds the server's quota
+    assert (await store.usage(1, LIMITS, NOW, guild_id=10)).used_images == 0
+    assert (await store.usage(1, LIMITS, NOW, guild_id=20)).used_images == 5
+
+
+async def test_a_job_reserves_in_its_own_server(store: Store) -> None:
+    job = _job(1, guild_id=10, reservation_id=new_reservation_id(1, 10))
+    assert await store.reserve_job(job, 5, LIMITS, NOW) == job
+    assert (await store.usage(1, LIMITS, NOW, guild_id=10)).used_images == 5
+    assert (await store.usage(1, LIMITS, NOW)).used_images == 0
+    # A reservation id made for another server does not fit the job.
+    with pytest.raises(ValueError, match="member and server"):
+        await store.reserve_job(
+            _job(1, guild_id=10, reservation_id=new_reservation_id(1, 20)), 1, LIMITS, NOW
+        )
 
 
 async def test_reserving_no_images_is_an_error(store: Store) -> None:
@@ -627,6 +655,28 @@ async def test_sqlite_relative_path_creates_directories_and_uses_wal(
     path = tmp_path / "nested" / "dir" / "bot.sqlite3"
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_a_sqlite_file_from_before_per_server_quotas_keeps_its_reservations(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(
+            "CREATE TABLE reservations (id TEXT PRIMARY KEY, user_id INTEGER NOT NULL,"
+            " images INTEGER NOT NULL, created_at REAL NOT NULL, state TEXT NOT NULL);"
+            "CREATE INDEX reservations_user_time ON reservations (user_id, created_at);"
+            f"INSERT INTO reservations VALUES ('1.old', 1, 3, {NOW}, 'reserved');"
+            "PRAGMA user_version=4;"
+        )
+    store = await open_store(f"sqlite:///{path}")
+    try:
+        # An old reservation is the member's in direct messages, and still settles by its id.
+        usage = await store.usage(1, LIMITS, NOW)
+        assert (usage.used_images, usage.in_flight) == (3, 1)
+        await store.commit("1.old")
+        assert (await store.usage(1, LIMITS, NOW)).in_flight == 0
+        assert isinstance(await store.reserve(1, 5, LIMITS, NOW, guild_id=10), Reservation)
+    finally:
+        await store.close()
 
 
 async def test_sqlite_absolute_path_and_memory(tmp_path: Path) -> None:

@@ -158,7 +158,9 @@ def normalise(text: str) -> tuple[str, ...]:
         swapped = folded.translate(swap)
         words = _WORD.findall(swapped)
         views.append(words)
-        views.append([joined for chunk in _CHUNK.findall(swapped) if (joined := "".join(_WORD.findall(chunk)))])
+        views.append(
+            [joined for chunk in _CHUNK.findall(swapped) if (joined := "".join(_WORD.findall(chunk)))]
+        )
         views += [_join_letters(words, apart=apart) for apart in ("", "first", "last", "both")]
     return tuple(dict.fromkeys(f" {' '.join(words)} " for words in views))
 

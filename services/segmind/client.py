@@ -402,7 +402,9 @@ class SegmindClient:
     def _schedule_for(self, job: SubmittedJob, deadline: float | None) -> PollSchedule | FixedPollSchedule:
         deadline_at = job.submitted_at + (self.deadline if deadline is None else deadline)
         if self.poll_interval is not None:
-            return FixedPollSchedule(self.poll_interval, submitted_at=job.submitted_at, deadline_at=deadline_at)
+            return FixedPollSchedule(
+                self.poll_interval, submitted_at=job.submitted_at, deadline_at=deadline_at
+            )
         return PollSchedule(
             self.durations,
             job.request,

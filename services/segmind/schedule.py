@@ -119,7 +119,9 @@ class DurationModel:
                 self.unit_samples
             )
             prior = [self.seconds_per_unit * (1 + PRIOR_RUN_SPREAD * (2 * i / 8 - 1)) for i in range(9)]
-            shape = () if plain else tuple(_quantiles(_with_prior(self.unit_samples, prior), CANDIDATES_PER_PART))
+            shape = (
+                () if plain else tuple(_quantiles(_with_prior(self.unit_samples, prior), CANDIDATES_PER_PART))
+            )
         self._shapes[part] = shape
         return shape
 
@@ -196,7 +198,9 @@ class PollSchedule:
         """
         # The least gap is between two checks of this job; the first one goes when the estimate says.
         least = self.min_interval if self.state is not None else min(self.min_interval, MIN_POLL_INTERVAL)
-        delay = poll_delay(self._ends, at, lateness=self.lateness, min_interval=least, max_interval=self.max_interval)
+        delay = poll_delay(
+            self._ends, at, lateness=self.lateness, min_interval=least, max_interval=self.max_interval
+        )
         if self._probe_start and self.processing_seen_at is None and busy <= 0:
             # Seeing the start soon after it happened narrows the end to the run's own spread, which saves
             # more checks near the end than this one costs.
@@ -211,7 +215,9 @@ class PollSchedule:
         if busy > 0:
             first = bisect.bisect_right(self._ends, at)
             if first < len(self._ends):
-                likely = self._ends[first + int(min(1.0, busy) * BUSY_QUANTILE * (len(self._ends) - first - 1))]
+                likely = self._ends[
+                    first + int(min(1.0, busy) * BUSY_QUANTILE * (len(self._ends) - first - 1))
+                ]
                 delay = max(delay, min(self.max_interval, likely - at))
         return max(0.0, min(delay, self.time_left(at)))
 

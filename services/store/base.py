@@ -152,6 +152,7 @@ class Reservation:
     user_id: int
     images: int
     created_at: float
+    guild_id: int | None = None  # whose limits: a member's quota is per server (None: direct messages)
 
 
 @dataclass(frozen=True)
@@ -241,26 +242,28 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    # Quota. Usage counts reservations that are reserved or committed and were created within the
-    # window; in_flight counts those still reserved.
+    # Quota, per member per server (`guild_id` None: direct messages). Usage counts reservations that are
+    # reserved or committed and were created within the window; in_flight counts those still reserved.
     async def reserve(
-        self, user_id: int, images: int, limits: QuotaLimits, now: float
+        self, user_id: int, images: int, limits: QuotaLimits, now: float, *, guild_id: int | None = None
     ) -> Reservation | QuotaRefusal: ...
 
     async def commit(self, reservation_id: str) -> None: ...
 
     async def refund(self, reservation_id: str) -> None: ...
 
-    async def usage(self, user_id: int, limits: QuotaLimits, now: float) -> QuotaUsage: ...
+    async def usage(
+        self, user_id: int, limits: QuotaLimits, now: float, *, guild_id: int | None = None
+    ) -> QuotaUsage: ...
 
     async def reserve_job(
         self, job: JobRecord, images: int, limits: QuotaLimits, now: float
     ) -> JobRecord | QuotaRefusal:
-        """Reserves `images` for `job.user_id` under the id `job.reservation_id` and saves `job`, in one
-        atomic step: the job, returned as saved, or the refusal, with nothing recorded.
+        """Reserves `images` for `job.user_id` in `job.guild_id` under the id `job.reservation_id` and saves
+        `job`, in one atomic step: the job, returned as saved, or the refusal, with nothing recorded.
 
         For a job being taken in: it must be unfinished, and its reservation id one `new_reservation_id`
-        made for its user (`check_reservable`). No reservation without its job is ever left behind, and
+        made for its member and server (`check_reservable`). No reservation without its job is ever left behind, and
         the record and the reservation cost one trip to the store between them.
         """
         ...
@@ -364,19 +367,24 @@ class QuotaEntry:
     state: str
 
 
-def new_reservation_id(user_id: int) -> str:
-    # The user id is part of the id so commit/refund can find the user's keys from the id alone.
-    return f"{user_id}.{secrets.token_urlsafe(12)}"
+def new_reservation_id(user_id: int, guild_id: int | None = None) -> str:
+    """`<user>.<token>` in direct messages, `<user>.<server>.<token>` in a server: commit and refund find
+    the member's quota from the id alone (ids from before quotas were per server have no server part)."""
+    token = secrets.token_urlsafe(12)  # url-safe base64 has no "."
+    return f"{user_id}.{token}" if guild_id is None else f"{user_id}.{guild_id}.{token}"
 
 
-def reservation_user(reservation_id: str) -> int | None:
-    user, sep, token = reservation_id.partition(".")
-    if not sep or not token:
+def reservation_holder(reservation_id: str) -> tuple[int, int | None] | None:
+    """Whose quota a reservation id counts against, (user, server or None); None for an id not made by
+    `new_reservation_id`."""
+    parts = reservation_id.split(".")
+    if (
+        len(parts) not in (2, 3)
+        or not parts[-1]
+        or not all(part.isascii() and part.isdigit() for part in parts[:-1])
+    ):
         return None
-    try:
-        return int(user)
-    except ValueError:
-        return None
+    return int(parts[0]), int(parts[1]) if len(parts) == 3 else None
 
 
 def check_images(images: int) -> None:
@@ -387,11 +395,12 @@ def check_images(images: int) -> None:
 def check_reservable(job: JobRecord, images: int, now: float) -> Reservation:
     """The reservation `Store.reserve_job` is to record for `job`; ValueError if the job cannot have one."""
     check_images(images)
-    if job.reservation_id is None or reservation_user(job.reservation_id) != job.user_id:
-        raise ValueError(f"job {job.id}: its reservation id must be one made for user {job.user_id}")
+    holder = (job.user_id, job.guild_id)
+    if job.reservation_id is None or reservation_holder(job.reservation_id) != holder:
+        raise ValueError(f"job {job.id}: its reservation id must be one made for member and server {holder}")
     if job.finished:
         raise ValueError(f"job {job.id} is {job.state}: only a job being taken in reserves quota")
-    return Reservation(job.reservation_id, job.user_id, images, now)
+    return Reservation(job.reservation_id, job.user_id, images, now, job.guild_id)
 
 
 def _counted(entries: Iterable[QuotaEntry], limits: QuotaLimits, now: float) -> list[QuotaEntry]:

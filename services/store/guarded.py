@@ -108,9 +108,9 @@ class GuardedStore:
         await self.backend.close()
 
     async def reserve(
-        self, user_id: int, images: int, limits: QuotaLimits, now: float
+        self, user_id: int, images: int, limits: QuotaLimits, now: float, *, guild_id: int | None = None
     ) -> Reservation | QuotaRefusal:
-        return await self._guard(self.backend.reserve(user_id, images, limits, now))
+        return await self._guard(self.backend.reserve(user_id, images, limits, now, guild_id=guild_id))
 
     async def commit(self, reservation_id: str) -> None:
         await self._guard(self.backend.commit(reservation_id))
@@ -118,8 +118,10 @@ class GuardedStore:
     async def refund(self, reservation_id: str) -> None:
         await self._guard(self.backend.refund(reservation_id))
 
-    async def usage(self, user_id: int, limits: QuotaLimits, now: float) -> QuotaUsage:
-        return await self._guard(self.backend.usage(user_id, limits, now))
+    async def usage(
+        self, user_id: int, limits: QuotaLimits, now: float, *, guild_id: int | None = None
+    ) -> QuotaUsage:
+        return await self._guard(self.backend.usage(user_id, limits, now, guild_id=guild_id))
 
     async def reserved_before(self, before: float) -> list[str]:
         return await self._guard(self.backend.reserved_before(before))

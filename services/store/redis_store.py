@@ -2,8 +2,9 @@
 
 Key layout (all under the configurable prefix):
 
-- `quota:<user>:times`  sorted set: reservation id -> created_at
-- `quota:<user>:res`    hash: reservation id -> "<images>:<state>"
+- `quota:<user>:<server>:times`  sorted set: reservation id -> created_at, a member's in one server
+  (`quota:<user>:times` in direct messages, and for reservations from before quotas were per server)
+- `quota:<user>:<server>:res`    hash: reservation id -> "<images>:<state>"
 - `job:<id>`            JSON of a JobRecord; finished jobs expire after the retention period
 - `jobs:unfinished`     sorted set: job id -> created_at, for jobs still in an unfinished state
 - `user:<user>:jobs`    sorted set: job id -> created_at, the user's most recent jobs
@@ -17,7 +18,7 @@ Key layout (all under the configurable prefix):
   sliding window every process on one API key draws from
 - `segmind:budget:paused` until when (Redis's clock) every process holds its requests after a 429
 
-Scripts declare every key they touch in KEYS (reservation ids embed the user id for that reason).
+Scripts declare every key they touch in KEYS (reservation ids embed the user and server for that reason).
 Times are caller-supplied epoch floats (but for the request window's, which use Redis's clock); redis-py sends floats as repr() and Redis returns scores
 with full precision, so comparisons match the SQLite store exactly.
 """
@@ -47,7 +48,7 @@ from services.store.base import (
     check_reservable,
     load_job,
     new_reservation_id,
-    reservation_user,
+    reservation_holder,
     summarize,
 )
 
@@ -335,8 +336,12 @@ class RedisStore:
     async def close(self) -> None:
         await self._redis.aclose()
 
-    def _quota_keys(self, user_id: int) -> list[str]:
-        base = f"{self._prefix}quota:{user_id}"
+    def _quota_keys(self, user_id: int, guild_id: int | None) -> list[str]:
+        base = (
+            f"{self._prefix}quota:{user_id}"
+            if guild_id is None
+            else f"{self._prefix}quota:{user_id}:{guild_id}"
+        )
         return [f"{base}:times", f"{base}:res", self._reserved_key]
 
     @property
@@ -346,12 +351,12 @@ class RedisStore:
     # --- quota ---
 
     async def reserve(
-        self, user_id: int, images: int, limits: QuotaLimits, now: float
+        self, user_id: int, images: int, limits: QuotaLimits, now: float, *, guild_id: int | None = None
     ) -> Reservation | QuotaRefusal:
         check_images(images)
-        reservation = Reservation(new_reservation_id(user_id), user_id, images, now)
+        reservation = Reservation(new_reservation_id(user_id, guild_id), user_id, images, now, guild_id)
         reply = await self._reserve_script(
-            keys=self._quota_keys(user_id), args=self._reserve_args(reservation, limits)
+            keys=self._quota_keys(user_id, guild_id), args=self._reserve_args(reservation, limits)
         )
         return reservation if reply[0] == "ok" else _refusal(reply, images, limits)
 
@@ -361,7 +366,7 @@ class RedisStore:
         reservation = check_reservable(job, images, now)
         reply = await self._reserve_job_script(
             keys=[
-                *self._quota_keys(job.user_id),
+                *self._quota_keys(job.user_id, job.guild_id),
                 self._job_key(job.id),
                 self._unfinished_key,
                 self._user_jobs_key(job.user_id),
@@ -396,13 +401,15 @@ class RedisStore:
         await self._settle(reservation_id, "refund")
 
     async def _settle(self, reservation_id: str, action: str) -> None:
-        user_id = reservation_user(reservation_id)
-        if user_id is None:
+        holder = reservation_holder(reservation_id)
+        if holder is None:
             return  # not an id this store issued, so there is nothing to settle
-        await self._settle_script(keys=self._quota_keys(user_id), args=[reservation_id, action])
+        await self._settle_script(keys=self._quota_keys(*holder), args=[reservation_id, action])
 
-    async def usage(self, user_id: int, limits: QuotaLimits, now: float) -> QuotaUsage:
-        times_key, records_key, _ = self._quota_keys(user_id)
+    async def usage(
+        self, user_id: int, limits: QuotaLimits, now: float, *, guild_id: int | None = None
+    ) -> QuotaUsage:
+        times_key, records_key, _ = self._quota_keys(user_id, guild_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zrange(times_key, 0, -1, withscores=True)
             pipe.hgetall(records_key)

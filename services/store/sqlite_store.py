@@ -48,10 +48,14 @@ T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], T]
 
 MEMORY = ":memory:"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Below this version `command_syncs` had another layout; it only caches what was synced, so it is dropped
 # and recreated (the next start syncs once more) rather than migrated.
 COMMAND_SYNCS_SINCE = 3
+# Since this version a reservation counts against its member's quota in one server (`guild_id`, 0 for
+# direct messages); older reservations are a member's in direct messages.
+PER_SERVER_QUOTA_SINCE = 5
+NO_SERVER = 0
 DEFAULT_BUSY_TIMEOUT = 10.0
 # One commit serves this many writes at most: each of their callers wakes when it is done, and waking
 # hundreds at once would hold the event loop (and every command waiting on it) for as long as they all run.
@@ -66,9 +70,11 @@ CREATE TABLE IF NOT EXISTS reservations (
     user_id INTEGER NOT NULL,
     images INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    state TEXT NOT NULL
+    state TEXT NOT NULL,
+    guild_id INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS reservations_user_time ON reservations (user_id, created_at);
+DROP INDEX IF EXISTS reservations_user_time;
+CREATE INDEX IF NOT EXISTS reservations_member_time ON reservations (user_id, guild_id, created_at);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     user_id INTEGER NOT NULL,
@@ -311,10 +317,10 @@ class SQLiteStore:
     # --- quota ---
 
     async def reserve(
-        self, user_id: int, images: int, limits: QuotaLimits, now: float
+        self, user_id: int, images: int, limits: QuotaLimits, now: float, *, guild_id: int | None = None
     ) -> Reservation | QuotaRefusal:
         check_images(images)
-        reservation = Reservation(new_reservation_id(user_id), user_id, images, now)
+        reservation = Reservation(new_reservation_id(user_id, guild_id), user_id, images, now, guild_id)
         refusal = await self._write(lambda db: _reserve(db, reservation, limits))
         return reservation if refusal is None else refusal
 
@@ -339,8 +345,11 @@ class SQLiteStore:
     async def refund(self, reservation_id: str) -> None:
         await self._write(lambda db: _settle(db, reservation_id, REFUNDED))
 
-    async def usage(self, user_id: int, limits: QuotaLimits, now: float) -> QuotaUsage:
-        entries = await self._call(lambda db: _entries(db, user_id, now - limits.window_seconds))
+    async def usage(
+        self, user_id: int, limits: QuotaLimits, now: float, *, guild_id: int | None = None
+    ) -> QuotaUsage:
+        server = NO_SERVER if guild_id is None else guild_id
+        entries = await self._call(lambda db: _entries(db, user_id, server, now - limits.window_seconds))
         return summarize(entries, limits, now)
 
     # --- jobs ---
@@ -639,6 +648,9 @@ def _prepare(db: sqlite3.Connection, path: str, job_retention: float) -> None:
         row = db.execute("PRAGMA user_version").fetchone()
         if row is not None and row[0] < COMMAND_SYNCS_SINCE:
             db.execute("DROP TABLE IF EXISTS command_syncs")
+        columns = {column[1] for column in db.execute("PRAGMA table_info(reservations)").fetchall()}
+        if columns and "guild_id" not in columns:
+            db.execute(f"ALTER TABLE reservations ADD COLUMN guild_id INTEGER NOT NULL DEFAULT {NO_SERVER}")
         for statement in filter(str.strip, SCHEMA.split(";")):
             db.execute(statement)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -668,15 +680,19 @@ def _copy_of(error: BaseException) -> BaseException:
 def _reserve(db: sqlite3.Connection, reservation: Reservation, limits: QuotaLimits) -> QuotaRefusal | None:
     """Records `reservation` if it fits the limits; otherwise the refusal, recording nothing."""
     user_id, now = reservation.user_id, reservation.created_at
+    server = NO_SERVER if reservation.guild_id is None else reservation.guild_id
     cutoff = now - limits.window_seconds
-    # Entries outside the window never count again; trimming keeps the per-user scan short.
-    db.execute("DELETE FROM reservations WHERE user_id = ? AND created_at <= ?", (user_id, cutoff))
-    refusal = evaluate(_entries(db, user_id, cutoff), reservation.images, limits, now)
+    # Entries outside the window never count again; trimming keeps the per-member scan short.
+    db.execute(
+        "DELETE FROM reservations WHERE user_id = ? AND guild_id = ? AND created_at <= ?",
+        (user_id, server, cutoff),
+    )
+    refusal = evaluate(_entries(db, user_id, server, cutoff), reservation.images, limits, now)
     if refusal is not None:
         return refusal
     db.execute(
-        "INSERT INTO reservations (id, user_id, images, created_at, state) VALUES (?, ?, ?, ?, ?)",
-        (reservation.id, user_id, reservation.images, now, RESERVED),
+        "INSERT INTO reservations (id, user_id, guild_id, images, created_at, state) VALUES (?, ?, ?, ?, ?, ?)",
+        (reservation.id, user_id, server, reservation.images, now, RESERVED),
     )
     return None
 
@@ -687,11 +703,11 @@ def _settle(db: sqlite3.Connection, reservation_id: str, state: str) -> None:
     )
 
 
-def _entries(db: sqlite3.Connection, user_id: int, cutoff: float) -> list[QuotaEntry]:
+def _entries(db: sqlite3.Connection, user_id: int, server: int, cutoff: float) -> list[QuotaEntry]:
     rows = db.execute(
         "SELECT created_at, images, state FROM reservations"
-        " WHERE user_id = ? AND created_at > ? AND state IN (?, ?) ORDER BY created_at, id",
-        (user_id, cutoff, RESERVED, COMMITTED),
+        " WHERE user_id = ? AND guild_id = ? AND created_at > ? AND state IN (?, ?) ORDER BY created_at, id",
+        (user_id, server, cutoff, RESERVED, COMMITTED),
     ).fetchall()
     return [QuotaEntry(created_at=row[0], images=row[1], state=row[2]) for row in rows]
 
