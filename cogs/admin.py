@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -53,7 +52,6 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
     def __init__(self, bot: DreamshaperBot, moderation: Moderation) -> None:
         self.bot = bot
         self.moderation = moderation
-        self._posting: set[asyncio.Task[None]] = set()  # held: the loop keeps tasks only weakly
         super().__init__()
 
     async def interaction_check(self, interaction: discord.Interaction[DreamshaperBot]) -> bool:
@@ -276,11 +274,10 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
         await interaction.response.send_message(
             render.truncate(f"Done: {what}{note}.", render.MESSAGE_LIMIT), ephemeral=True
         )
-        posting = asyncio.create_task(
-            self.bot.runner.post_mod_log(f"{interaction.user.mention} {what}", guild_id=interaction.guild_id)
+        modlog = self.bot.modlog
+        modlog.in_background(
+            modlog.post_text(f"{interaction.user.mention} {what}", guild_id=interaction.guild_id)
         )
-        self._posting.add(posting)
-        posting.add_done_callback(self._posting.discard)
 
     def _settings_embed(self, settings: GuildSettings) -> discord.Embed:
         defaults = self.bot.config

@@ -28,11 +28,13 @@ async def before_answering() -> AsyncIterator[None]:
         raise StoreUnavailable(f"the store did not answer within {ACK_STORE_SECONDS:g} s") from None
 
 
-async def send_ephemeral(interaction: discord.Interaction, text: str) -> None:
+async def send_ephemeral(
+    interaction: discord.Interaction, text: str, *, view: discord.ui.View = discord.utils.MISSING
+) -> None:
     if interaction.response.is_done():
-        await interaction.followup.send(text, ephemeral=True)
+        await interaction.followup.send(text, ephemeral=True, view=view)
     else:
-        await interaction.response.send_message(text, ephemeral=True)
+        await interaction.response.send_message(text, ephemeral=True, view=view)
 
 
 async def answer_failure(interaction: discord.Interaction, reply: render.FailureReply) -> None:
@@ -46,3 +48,12 @@ async def answer_failure(interaction: discord.Interaction, reply: render.Failure
             await interaction.response.send_message(reply.text, ephemeral=True)
     except discord.HTTPException as error:
         log.warning("could not tell the member about a failure: %s", error)
+
+
+async def refuse(interaction: discord.Interaction, text: str) -> bool:
+    """Tells the presser why nothing happens; False, for `interaction_check` to return."""
+    try:
+        await send_ephemeral(interaction, text)
+    except discord.HTTPException as error:
+        log.warning("could not tell the member why a button did nothing: %s", error)
+    return False

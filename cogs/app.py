@@ -23,11 +23,12 @@ from discord.ext import commands
 
 from cogs import render
 from cogs.admin import Admin
-from cogs.answers import answer_failure, send_ephemeral
+from cogs.answers import answer_failure
 from cogs.buttons import JOB_BUTTONS
 from cogs.delivery import JobRunner
 from cogs.imagine import Imagine
 from cogs.intake import ban_refusal
+from cogs.modlog import MODLOG_BUTTONS, ModLog, send_refusal
 from services.config import Config, discord_api_root
 from services.jobs import JobService
 from services.moderation.policy import Moderation
@@ -120,7 +121,7 @@ class DreamshaperTree(app_commands.CommandTree["DreamshaperBot"]):
             return True
         refusal = await ban_refusal(interaction)
         if refusal is not None:
-            await send_ephemeral(interaction, refusal)
+            await send_refusal(interaction, refusal)
             return False
         return True
 
@@ -302,6 +303,7 @@ class DreamshaperBot(commands.AutoShardedBot):
         )
         self.moderation = Moderation(store)
         self.runner = JobRunner(self)
+        self.modlog = ModLog(self)
         self.watchdog = LoopWatchdog(config.loop_stall_warning_ms)
         # A loop running behind makes every request dearer: fewer checks, and the loop's work in flight
         # follows what it can keep up with.
@@ -321,7 +323,7 @@ class DreamshaperBot(commands.AutoShardedBot):
         await self.add_cog(self.runner)
         await self.add_cog(Imagine(self))
         await self.add_cog(Admin(self, self.moderation))
-        self.add_dynamic_items(*JOB_BUTTONS)
+        self.add_dynamic_items(*JOB_BUTTONS, *MODLOG_BUTTONS)
         await self._sync_commands()
         keep_collections_short()
 

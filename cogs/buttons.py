@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from re import Match
@@ -24,9 +25,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 import discord
 
 from cogs import render
-from cogs.answers import answer_failure, before_answering, send_ephemeral
+from cogs.answers import answer_failure, before_answering, refuse, send_ephemeral
 from cogs.intake import ban_refusal, start_job
+from cogs.modlog import Refused, send_refusal
 from services.jobs import JobError
+from services.moderation.cases import CaseKind, ModCase, new_case_id
 from services.request import GenerationRequest
 from services.store.base import JobRecord, JobState
 
@@ -72,7 +75,7 @@ class JobButton(
         )
         self.job_id = job_id
         self.job = job
-        self.banned: str | None = None  # what a banned presser is told
+        self.banned: Refused | None = None  # what a banned presser is told
         self.answered = False
 
     @classmethod
@@ -101,7 +104,8 @@ class JobButton(
         if self.job is None:
             return await refuse(interaction, TOO_OLD)
         if self.banned is not None:
-            return await refuse(interaction, self.banned)
+            await send_refusal(interaction, self.banned)
+            return False
         return True
 
     @property
@@ -176,6 +180,69 @@ class DeleteButton(JobButton, action="delete", label="Delete", emoji="🗑️", 
             log.info("job %s: result deleted by %d", self.job_id, interaction.user.id)
 
 
+class ReportButton(
+    JobButton, action="report", label="Report", emoji="🚩", style=discord.ButtonStyle.secondary
+):
+    """Tells the moderators about a result, for members other than its requester; one report per member.
+
+    Each report is a mod-log entry; the report that reaches REPORTS_TO_HIDE hides the result (its images
+    replaced by a notice) and posts an entry with Restore and Delete result.
+    """
+
+    async def interaction_check(self, interaction: discord.Interaction[DreamshaperBot], /) -> bool:
+        if not await super().interaction_check(interaction):
+            return False
+        if interaction.guild_id is None:
+            return await refuse(interaction, "Reports go to a server's moderators; there are none here.")
+        if interaction.user.id == self.record.user_id:
+            return await refuse(interaction, "This is your own result: Delete removes it.")
+        return True
+
+    async def callback(self, interaction: discord.Interaction[DreamshaperBot]) -> None:
+        async with self.answering(interaction):
+            bot, job = interaction.client, self.record
+            async with before_answering():
+                reports = await bot.moderation.report(job.id, interaction.user.id)
+            if reports is None:
+                await send_ephemeral(
+                    interaction, "You have reported this result already; the moderators know."
+                )
+                return
+            log.info("job %s: reported by %d (%d so far)", job.id, interaction.user.id, reports)
+            report = self._case(interaction, CaseKind.REPORT, f"{reports} of {bot.config.reports_to_hide}")
+            bot.modlog.in_background(bot.modlog.post_case(report))
+            thanks = "🚩 Thank you: the moderators have been told."
+            if reports != bot.config.reports_to_hide:
+                await send_ephemeral(interaction, thanks)
+                return
+            # The press came from the result's own message: this answer is the edit that hides it.
+            await interaction.response.edit_message(
+                content=render.HIDDEN_RESULT, embed=None, attachments=[], view=None
+            )
+            log.info("job %s: hidden after %d reports", job.id, reports)
+            hidden = self._case(interaction, CaseKind.HIDDEN, f"{reports} members")
+            bot.modlog.in_background(bot.modlog.post_case(hidden))
+            await interaction.followup.send(
+                f"{thanks} The result is hidden until they look at it.", ephemeral=True
+            )
+
+    def _case(self, interaction: discord.Interaction[DreamshaperBot], kind: CaseKind, detail: str) -> ModCase:
+        job = self.record
+        return ModCase(
+            new_case_id(),
+            kind,
+            interaction.guild_id,
+            time.time(),
+            member_id=job.user_id,
+            channel_id=interaction.channel_id,
+            job_id=job.id,
+            text=GenerationRequest.from_payload(job.request).prompt,
+            detail=f"{detail}; [the result]({interaction.message.jump_url})"
+            if interaction.message
+            else detail,
+        )
+
+
 class ResendButton(JobButton, action="resend", label="Resend", emoji="📬", style=discord.ButtonStyle.primary):
     """Delivers a finished job's images into this interaction, for results that could not be posted.
 
@@ -225,13 +292,14 @@ JOB_BUTTONS: tuple[type[JobButton], ...] = (
     SameSeedButton,
     InfoButton,
     DeleteButton,
+    ReportButton,
     ResendButton,
 )
 
 
 def result_view(job_id: str) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
-    for button in (RerollButton, SameSeedButton, InfoButton, DeleteButton):
+    for button in (RerollButton, SameSeedButton, InfoButton, DeleteButton, ReportButton):
         view.add_item(button(job_id))
     return view
 
@@ -255,12 +323,3 @@ def may_delete_unrecorded(interaction: discord.Interaction) -> bool:
     if metadata is not None:
         return metadata.user.id == interaction.user.id
     return message.raw_mentions[:1] == [interaction.user.id]
-
-
-async def refuse(interaction: discord.Interaction, text: str) -> bool:
-    """Tells the presser why nothing happens; False, for `interaction_check` to return."""
-    try:
-        await send_ephemeral(interaction, text)
-    except discord.HTTPException as error:
-        log.warning("could not tell the member why a button did nothing: %s", error)
-    return False

@@ -33,9 +33,10 @@ from services.jobs import (
     ProgressKind,
     uninterruptible,
 )
+from services.moderation.cases import CaseKind, ModCase, new_case_id
 from services.request import GenerationRequest
 from services.segmind import InsufficientCredits, JobFailed
-from services.store.base import JobRecord, JobState
+from services.store.base import Ban, JobRecord, JobState
 from services.store.guarded import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -586,42 +587,100 @@ class JobRunner(commands.Cog):
 
     async def report_failure(self, message: JobMessage, error: JobError) -> None:
         reply = render.job_failure_reply(error)
-        try:
-            await message.edit(content=reply.text, embed=None, attachments=[], view=None)
-        except (discord.HTTPException, TokenExpired):
-            await self._tell_requester(error.job, f"<@{error.job.user_id}> {reply.text}")
+        text = reply.text
         cause = error.cause
+        if isinstance(cause, JobFailed) and cause.is_content_block:
+            ban = await self._content_blocked(error.job, error.request_id)
+            if ban is not None:
+                text = f"{text}\n{render.banned_reply(ban)}"
+        try:
+            await message.edit(content=text, embed=None, attachments=[], view=None)
+        except (discord.HTTPException, TokenExpired):
+            await self._tell_requester(error.job, f"<@{error.job.user_id}> {text}")
         if isinstance(cause, InsufficientCredits) and time.time() > self._credits_reported_until:
             # Jobs queued behind the first one fail the same way; the admins need to hear it once.
             self._credits_reported_until = time.time() + self.bot.config.credits_cooloff_seconds
             log.error("Segmind says the account is out of credits; new jobs are refused for a while")
-            await self.post_mod_log(
-                "💳 Segmind reports the bot's account is **out of credits**. Top it up to resume."
+            credits = ModCase(
+                new_case_id(),
+                CaseKind.CREDITS,
+                error.job.guild_id,
+                time.time(),
+                text="Segmind reports the bot's account is out of credits. Top it up to resume.",
             )
-        elif isinstance(cause, JobFailed) and cause.is_content_block:
-            request = GenerationRequest.from_payload(error.job.request)
-            await self.post_mod_log(
-                f"🚫 Content filter blocked a prompt from <@{error.job.user_id}> (request `{error.request_id}`):\n"
-                f">>> {render.quote_user_text(request.prompt, 1500)}"
-            )
+            await self.bot.modlog.post_case(credits)
 
-    async def post_mod_log(self, text: str, *, guild_id: int | None = None) -> None:
-        """Posts to the server's mod log (`/admin modlog`), or else to MOD_LOG_CHANNEL_ID."""
-        channel_id = self.bot.config.mod_log_channel_id
-        if guild_id is not None:
-            try:
-                channel_id = (await self.bot.moderation.settings(guild_id)).modlog_channel_id or channel_id
-            except StoreUnavailable as error:
-                log.warning("could not read the mod log channel of server %d: %s", guild_id, error)
-        if channel_id is None:
-            return
+    async def _content_blocked(self, job: JobRecord, request_id: str | None) -> Ban | None:
+        """Segmind's filter refused the prompt: a mod-log entry (in the background), and a strike like a
+        blocked prompt's; the ban the strike earned, if it did."""
+        case = ModCase(
+            new_case_id(),
+            CaseKind.CONTENT,
+            job.guild_id,
+            time.time(),
+            member_id=job.user_id,
+            channel_id=job.channel_id,
+            job_id=job.id,
+            text=GenerationRequest.from_payload(job.request).prompt,
+            detail=f"`{request_id}`" if request_id else "",
+        )
+        modlog = self.bot.modlog
+        modlog.in_background(modlog.post_case(case))
+        if job.guild_id is None:
+            return None
         try:
-            channel = await self.channel(channel_id)
-            await channel.send(
-                render.truncate(text, render.MESSAGE_LIMIT), allowed_mentions=discord.AllowedMentions.none()
+            ban = await self.bot.moderation.strike(job.guild_id, job.user_id)
+        except StoreUnavailable as error:
+            log.warning("job %s: the content block's strike was not counted: %s", job.id, error)
+            return None
+        if ban is not None:
+            banned = f"⛔ <@{job.user_id}> was banned {render.ban_end(ban)}: {ban.reason}."
+            modlog.in_background(modlog.post_text(banned, guild_id=job.guild_id))
+        return ban
+
+    async def delete_result(self, job_id: str) -> bool:
+        """Deletes a job's posted result (for a moderator); False when it was gone already."""
+        job = await self.bot.store.get_job(job_id)
+        if job is None or job.message_id is None or job.channel_id is None:
+            return False
+        try:
+            await (
+                self.bot.get_partial_messageable(job.channel_id).get_partial_message(job.message_id).delete()
             )
-        except (discord.HTTPException, LookupError) as error:
-            log.warning("could not post to the mod log channel %d: %s", channel_id, error)
+        except discord.NotFound:
+            return False
+        log.info("job %s: result deleted by a moderator", job_id)
+        return True
+
+    async def restore_result(self, job_id: str) -> str | None:
+        """Posts a hidden result's images again, fetched anew; None once done, else why it could not be."""
+        job = await self.bot.store.get_job(job_id)
+        if job is None or job.message_id is None or job.channel_id is None:
+            return "its record is no longer kept"
+        request = GenerationRequest.from_payload(job.request)
+        try:
+            generated = await self.bot.jobs.fetch_again(job, request)
+            prepared = await prepare_for_upload(
+                generated.images,
+                limit_bytes=job.upload_limit or DEFAULT_UPLOAD_LIMIT,
+                stem=f"dreamshaper_{request.seed}",
+            )
+        except (JobError, ImageDecodeError, ValueError) as error:
+            return str(getattr(error, "cause", error))
+        embed = render.result_embed(
+            request, inference_time=generated.inference_time, requester=job.requester_name or "a member"
+        )
+        message = self.bot.get_partial_messageable(job.channel_id).get_partial_message(job.message_id)
+        try:
+            await message.edit(
+                content=None, embed=embed, attachments=discord_files(prepared), view=result_view(job.id)
+            )
+        except discord.NotFound:
+            return "the message was deleted"
+        except discord.HTTPException as error:
+            return f"Discord refused the edit ({error.status})"
+        log.info("job %s: result restored by a moderator", job_id)
+        return None
 
 
 def _passing(error: discord.HTTPException) -> bool:

@@ -18,7 +18,8 @@ import discord
 
 from cogs import render
 from cogs.answers import before_answering, send_ephemeral
-from services.moderation.policy import PromptBlock
+from cogs.modlog import BAN_REF, Refused, send_refusal
+from services.moderation.cases import CaseKind, ModCase, new_case_id
 from services.request import GenerationRequest
 from services.store.base import JobRecord, JobState, QuotaRefusal, new_job_id, new_reservation_id
 from services.store.guarded import StoreUnavailable
@@ -28,8 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The event loop holds tasks only weakly; these withdrawals and mod-log posts must not be collected
-# before they run.
+# The event loop holds tasks only weakly; these withdrawals must not be collected before they run.
 _background: set[asyncio.Task[None]] = set()
 
 
@@ -51,6 +51,9 @@ async def start_job(
     if isinstance(outcome, str):
         await send_ephemeral(interaction, outcome)
         return
+    if isinstance(outcome, Refused):
+        await send_refusal(interaction, outcome)
+        return
     try:
         await interaction.response.defer(thinking=True)
     except BaseException:
@@ -61,7 +64,7 @@ async def start_job(
 
 async def _record_job(
     interaction: discord.Interaction[DreamshaperBot], request: GenerationRequest, origin: str
-) -> JobRecord | str:
+) -> JobRecord | Refused | str:
     """The saved job, or the refusal to show the member."""
     bot = interaction.client
     if interaction.guild_id is None and not bot.config.allow_direct_messages:
@@ -73,15 +76,15 @@ async def _record_job(
     if limits is None:
         return render.may_not_generate_reply()
     if interaction.guild_id is not None:
-        block = await _blocked(interaction, interaction.guild_id, request.prompt)
-        if block is not None:
+        case_id = await _blocked(interaction, interaction.guild_id, request.prompt)
+        if case_id is not None:
             ban = await interaction.client.moderation.strike(interaction.guild_id, interaction.user.id)
             if ban is None:
-                return render.blocked_prompt_reply()
-            _post_mod_log(
-                interaction, f"⛔ <@{interaction.user.id}> was banned {render.ban_end(ban)}: {ban.reason}."
-            )
-            return f"{render.blocked_prompt_reply()}\n{render.banned_reply(ban)}"
+                return Refused(render.blocked_prompt_reply(), appeal=case_id)
+            modlog = bot.modlog
+            banned = f"⛔ <@{interaction.user.id}> was banned {render.ban_end(ban)}: {ban.reason}."
+            modlog.in_background(modlog.post_text(banned, guild_id=interaction.guild_id))
+            return Refused(f"{render.blocked_prompt_reply()}\n{render.banned_reply(ban)}", appeal=BAN_REF)
     # Read from the store at most once a second, however many commands arrive (the store's flag cache).
     if await bot.jobs.credits_exhausted_until():
         return render.credits_exhausted_reply()
@@ -137,39 +140,43 @@ async def _withdraw(bot: DreamshaperBot, job: JobRecord) -> None:
 
 async def _blocked(
     interaction: discord.Interaction[DreamshaperBot], guild_id: int, prompt: str
-) -> PromptBlock | None:
-    """The server's rules against this prompt, checked before anything is reserved or sent; a hit goes to
-    the mod log with the term that matched (the member is not told which)."""
+) -> str | None:
+    """The server's rules against this prompt, checked before anything is reserved or sent: None when it
+    may run, else the id of the mod-log case, posted (in the background) with the term that matched; the
+    member is not told which."""
     channel = interaction.channel
     parent_id = getattr(channel, "parent_id", None)
-    block = await interaction.client.moderation.check_prompt(
+    bot = interaction.client
+    block = await bot.moderation.check_prompt(
         guild_id,
         prompt,
         age_restricted=_age_restricted(channel),
         role_ids=member_role_ids(interaction.user),
         channel_ids=[interaction.channel_id or 0, *([parent_id] if parent_id else [])],
     )
-    if block is not None:
-        source = f"AutoMod rule “{block.rule}”" if block.source == "automod" else "the blocklist"
-        log.info("server %d: a prompt from %d was blocked by %s", guild_id, interaction.user.id, source)
-        entry = (
-            f"🚫 {source} blocked a prompt from <@{interaction.user.id}> in <#{interaction.channel_id}>"
-            f" (matched `{block.matched}`):\n>>> {render.quote_user_text(prompt, 1500)}"
-        )
-        _post_mod_log(interaction, entry)
-    return block
+    if block is None:
+        return None
+    source = f"AutoMod rule “{block.rule}”" if block.source == "automod" else "the blocklist"
+    log.info("server %d: a prompt from %d was blocked by %s", guild_id, interaction.user.id, source)
+    case = ModCase(
+        new_case_id(),
+        CaseKind.BLOCKED,
+        guild_id,
+        time.time(),
+        member_id=interaction.user.id,
+        channel_id=interaction.channel_id,
+        text=prompt,
+        detail=f"`{block.matched}` ({source})",
+    )
+    # The member's answer does not wait for the record or the post: the Appeal button finds the case
+    # by the id it carries once it is there.
+    bot.modlog.in_background(bot.modlog.post_case(case))
+    return case.id
 
 
-def _post_mod_log(interaction: discord.Interaction[DreamshaperBot], text: str) -> None:
-    # In the background: the member's answer must not wait on a post to another channel.
-    posting = asyncio.create_task(interaction.client.runner.post_mod_log(text, guild_id=interaction.guild_id))
-    _background.add(posting)
-    posting.add_done_callback(_background.discard)
-
-
-async def ban_refusal(interaction: discord.Interaction[DreamshaperBot]) -> str | None:
-    """What a banned member is told, for their commands and buttons in this server; None for others (and
-    when the store cannot say: the command then meets the outage itself and says so)."""
+async def ban_refusal(interaction: discord.Interaction[DreamshaperBot]) -> Refused | None:
+    """What a banned member is told, for their commands and buttons in this server, with Appeal; None for
+    others (and when the store cannot say: the command then meets the outage itself and says so)."""
     if interaction.guild_id is None:
         return None
     try:
@@ -177,7 +184,7 @@ async def ban_refusal(interaction: discord.Interaction[DreamshaperBot]) -> str |
             ban = await interaction.client.moderation.active_ban(interaction.guild_id, interaction.user.id)
     except StoreUnavailable:
         return None
-    return None if ban is None else render.banned_reply(ban)
+    return None if ban is None else Refused(render.banned_reply(ban), appeal=BAN_REF)
 
 
 def _age_restricted(channel: object) -> bool:

@@ -337,6 +337,9 @@ def direct_messages_off_reply() -> str:
     return "🔒 This bot makes images in servers only; use /imagine in a server you share with it."
 
 
+HIDDEN_RESULT = "🙈 This result was hidden after reports from members, until a moderator looks at it."
+
+
 def may_not_generate_reply() -> str:
     return (
         "🔒 Your roles in this server don't include making images; ask its admins if you think they should."

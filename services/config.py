@@ -55,6 +55,7 @@ class Config:
     mod_log_channel_id: int | None = None
     # No server's rules apply in a direct message, so /imagine is off there unless an operator turns it on.
     allow_direct_messages: bool = False
+    reports_to_hide: int = 3  # distinct members' reports that hide a result until a moderator looks
     credits_cooloff_seconds: float = 600.0
     rate_limit_max_wait_seconds: float = 120.0
     job_lease_seconds: float = 30.0
@@ -93,6 +94,7 @@ class Config:
             "discord_guild_ids": reader.get("DISCORD_GUILD_IDS", _snowflake_list, ()),
             "mod_log_channel_id": reader.get("MOD_LOG_CHANNEL_ID", _snowflake, None),
             "allow_direct_messages": reader.get("ALLOW_DIRECT_MESSAGES", _boolean, False),
+            "reports_to_hide": reader.get("REPORTS_TO_HIDE", _int_at_least(1), cls.reports_to_hide),
             "credits_cooloff_seconds": reader.get(
                 "CREDITS_COOLOFF_SECONDS", _positive_float, cls.credits_cooloff_seconds
             ),

@@ -332,7 +332,21 @@ class JobService:
         return GeneratedImages(job, submitted.request, images, result.inference_time)
 
     async def recover_images(self, job: JobRecord, request: GenerationRequest) -> GeneratedImages:
-        """Images of a job that finished before a restart: the output URLs stay downloadable for days."""
+        """Images of a job that finished before a restart: the output URLs stay downloadable for days.
+        A job whose images cannot be had again is recorded as failed."""
+        try:
+            generated = await self.fetch_again(job, request)
+        except JobError as error:
+            failed = await self.record(
+                job, state=JobState.FAILED, error=f"{type(error.cause).__name__}: {error.cause}"[:500]
+            )
+            raise JobError(error.cause, job=failed, billed=True) from error.cause
+        log.info("job %s: images recovered after a restart", job.id)
+        return generated
+
+    async def fetch_again(self, job: JobRecord, request: GenerationRequest) -> GeneratedImages:
+        """A finished job's images, downloaded again from its outputs (or its result at Segmind); the
+        record is left as it is. JobError (billed) when they cannot be had."""
         stored = job.result or {}
         metrics = stored.get("metrics") or {}
         try:
@@ -345,11 +359,7 @@ class JobService:
                 result, request.samples, deadline_at=time.monotonic() + self.download_timeout
             )
         except (SegmindError, DownloadFailed) as error:
-            job = await self.record(
-                job, state=JobState.FAILED, error=f"{type(error).__name__}: {error}"[:500]
-            )
             raise JobError(error, job=job, billed=True) from error
-        log.info("job %s: images recovered after a restart", job.id)
         return GeneratedImages(job, request, images, result.inference_time)
 
     async def mark_delivered(self, job: JobRecord, *, message_id: int | None) -> JobRecord:

@@ -34,6 +34,20 @@ def mod_log(stack: BotStack) -> list[StoredMessage]:
     ]
 
 
+async def case_entry(stack: BotStack, title: str, *, nth: int = 0) -> StoredMessage:
+    """The mod log's `nth` entry (oldest first) whose title holds `title`, once it is posted."""
+
+    def entries() -> list[StoredMessage]:
+        return [m for m in mod_log(stack) if m.embeds and title in m.embeds[0].get("title", "")]
+
+    await stack.discord.wait_for(lambda: len(entries()) > nth, 10)
+    return entries()[nth]
+
+
+def fields_of(message: StoredMessage) -> dict[str, str]:
+    return {f["name"]: f["value"] for f in message.embeds[0].get("fields", [])}
+
+
 async def admin(stack: BotStack, command: str, **options: object) -> InteractionHandle:
     handle = await stack.discord.send_slash_command(
         f"admin {command}", options, user_id=ADMIN, username="admin", permissions=ADMIN_PERMISSIONS
@@ -57,9 +71,10 @@ async def test_a_blocked_prompt_is_refused_before_anything_is_spent_and_the_mod_
     assert stack.segmind.stats.submits == []
     usage = await stack.bot.quota.usage(MEMBER, stack.discord.guild_id)
     assert usage.used_images == 0 and usage.in_flight == 0
-    await stack.discord.wait_for(lambda: any("matched `kid`" in m.content for m in mod_log(stack)))
-    entry = next(m for m in mod_log(stack) if "matched `kid`" in m.content)
-    assert f"<@{MEMBER}>" in entry.content and "a k1d in a garden" in entry.content
+    entry = await case_entry(stack, "Prompt blocked by this server's rules")
+    fields = fields_of(entry)
+    assert fields["Member"] == f"<@{MEMBER}>" and fields["Matched"].startswith("`kid`")
+    assert "a k1d in a garden" in entry.embeds[0]["description"]
 
     allowed = await stack.imagine(prompt="skid marks on a wet road", user_id=MEMBER)
     assert allowed.original is not None and allowed.original.attachments

@@ -61,7 +61,7 @@ async def test_imagine_delivers_images_with_embed_and_buttons(make_stack: StackF
     assert "Inference" in fields
     assert "lighthouse" in message.embeds[0]["description"]
     labels = [c["label"] for row in message.components for c in row["components"]]
-    assert labels == ["Reroll", "Same seed", "Info", "Delete"]
+    assert labels == ["Reroll", "Same seed", "Info", "Delete", "Report"]
     assert stack.segmind.stats.submits[0].payload["seed"] == 1234
 
 
@@ -175,7 +175,7 @@ async def test_out_of_credits_is_explained_reported_and_cooled_off(make_stack: S
     assert handle.original is not None
     assert "out of Segmind credits" in handle.original.content
     assert "admins have been told" in handle.original.content
-    await stack.discord.wait_for(lambda: any("out of credits" in m.content for m in channel_messages(stack)))
+    await stack.discord.wait_for(lambda: any("out of credits" in text_of(m) for m in channel_messages(stack)))
 
     again = await stack.imagine(prompt="another cat")
     assert "out of Segmind credits" in ephemeral_text(again)
@@ -202,6 +202,15 @@ async def test_rate_limit_past_the_bound_says_when_to_try_again(make_stack: Stac
     assert "not charged" in text
 
 
+def text_of(message: StoredMessage) -> str:
+    """What a message says: its content, and its embeds' title, description and fields."""
+    parts = [message.content]
+    for embed in message.embeds:
+        parts += [embed.get("title", ""), embed.get("description", "")]
+        parts += [f"{field['name']}: {field['value']}" for field in embed.get("fields", [])]
+    return "\n".join(parts)
+
+
 async def test_content_block_is_explained_and_reported_to_moderators(make_stack: StackFactory) -> None:
     stack = await make_stack()
     handle = await stack.imagine(prompt=f"something {BLOCKED_WORD} @everyone", samples=2)
@@ -209,10 +218,13 @@ async def test_content_block_is_explained_and_reported_to_moderators(make_stack:
     assert message is not None and not message.attachments
     assert "blocked by the content filter" in message.content
     request_id = stack.segmind.stats.submits[0].request_id
-    await stack.discord.wait_for(lambda: any(request_id in m.content for m in channel_messages(stack)))
-    report = next(m for m in channel_messages(stack) if request_id in m.content)
-    assert BLOCKED_WORD in report.content and "1111111111111111111" in report.content
+    await stack.discord.wait_for(lambda: any(request_id in text_of(m) for m in channel_messages(stack)))
+    report = next(m for m in channel_messages(stack) if request_id in text_of(m))
+    assert "Segmind's content filter" in text_of(report)
+    assert BLOCKED_WORD in text_of(report) and "<@1111111111111111111>" in text_of(report)
     assert report.allowed_mentions == {"parse": []}
+    labels = [c["label"] for row in report.components for c in row["components"]]
+    assert labels == ["Ban 24 h", "Dismiss"]
     assert (await stack.bot.quota.usage(1_111_111_111_111_111_111, stack.discord.guild_id)).used_images == 0
 
 

@@ -93,3 +93,39 @@ async def test_strikes_count_within_their_window_per_member_and_server(backend: 
     await store.clear_strikes(GUILD, MEMBER)
     assert await store.add_strike(GUILD, MEMBER, NOW + DAY + 2 * HOUR, DAY) == 1
     assert await store.add_strike(GUILD, OTHER_MEMBER, NOW + HOUR, DAY) == 2  # others keep theirs
+
+
+async def test_a_case_is_decided_once_whichever_process_is_first(backend: Backend) -> None:
+    first, second = await backend.open(), await backend.open()
+    assert await first.add_case("c1", '{"kind":"blocked"}', NOW + DAY)
+    assert not await second.add_case("c1", '{"kind":"other"}', NOW + DAY)  # the first record stays
+    assert await second.get_case("c1") == ('{"kind":"blocked"}', None)
+    decisions = await asyncio.gather(
+        *(
+            (first if n % 2 else second).decide_case("c1", json.dumps({"action": f"a{n}"}))
+            for n in range(10)
+        )
+    )
+    assert len(set(decisions)) == 1  # every moderator is told the one decision that stands
+    assert await first.get_case("c1") == ('{"kind":"blocked"}', decisions[0])
+    assert await first.decide_case("unknown", "{}") is None
+    assert await first.get_case("unknown") is None
+
+
+async def test_a_decision_whose_action_failed_is_taken_back(backend: Backend) -> None:
+    store = await backend.open()
+    await store.add_case("c2", "{}", NOW + DAY)
+    assert await store.decide_case("c2", "ban") == "ban"
+    await store.reopen_case("c2", "dismiss")  # not the one recorded: nothing changes
+    assert await store.get_case("c2") == ("{}", "ban")
+    await store.reopen_case("c2", "ban")
+    assert await store.get_case("c2") == ("{}", None)
+    assert await store.decide_case("c2", "dismiss") == "dismiss"
+
+
+async def test_each_member_reports_a_result_once(backend: Backend) -> None:
+    first, second = await backend.open(), await backend.open()
+    assert await first.add_report("job1", MEMBER, NOW + DAY) == 1
+    assert await second.add_report("job1", MEMBER, NOW + DAY) is None
+    assert await second.add_report("job1", OTHER_MEMBER, NOW + DAY) == 2
+    assert await first.add_report("job2", MEMBER, NOW + DAY) == 1

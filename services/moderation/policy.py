@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from services.moderation.automod import AutoModRule, first_hit
+from services.moderation.cases import CASE_RETENTION_SECONDS, Decision, ModCase
 from services.moderation.settings import GuildSettings
 from services.store.base import Ban, Store
 
@@ -121,6 +122,30 @@ class Moderation:
             if hit is not None:
                 return PromptBlock("automod", hit.matched, hit.rule_name)
         return None
+
+    # -- mod-log cases and reports --
+
+    async def open_case(self, case: ModCase) -> bool:
+        """Records the case; False when one with its id exists (an appeal sent twice)."""
+        return await self._store.add_case(case.id, case.to_json(), case.created_at + CASE_RETENTION_SECONDS)
+
+    async def case(self, case_id: str) -> ModCase | None:
+        stored = await self._store.get_case(case_id)
+        return None if stored is None else ModCase.read(stored)
+
+    async def decide(self, case_id: str, decision: Decision) -> Decision | None:
+        """Records `decision` unless the case was decided already; the decision that stands (None for a
+        case no longer kept)."""
+        stood = await self._store.decide_case(case_id, decision.to_json())
+        return None if stood is None else Decision.read(stood)
+
+    async def reopen(self, case_id: str, decision: Decision) -> None:
+        await self._store.reopen_case(case_id, decision.to_json())
+
+    async def report(self, job_id: str, user_id: int) -> int | None:
+        """Counts a member's report of a result: the members who reported it so far, or None when this one
+        had already."""
+        return await self._store.add_report(job_id, user_id, self._clock() + CASE_RETENTION_SECONDS)
 
     # -- bans and strikes --
 

@@ -342,6 +342,30 @@ class Store(Protocol):
 
     async def clear_strikes(self, guild_id: int, user_id: int) -> None: ...
 
+    # Mod-log cases (`ModCase`): entries a moderator can act on, each decided once, kept until `expires_at`.
+    async def add_case(self, case_id: str, data: str, expires_at: float) -> bool:
+        """Records a case unless one with this id exists (False then: an appeal sent twice)."""
+        ...
+
+    async def get_case(self, case_id: str) -> tuple[str, str | None] | None:
+        """The case and its decision (None while it is open); None for a case not recorded."""
+        ...
+
+    async def decide_case(self, case_id: str, decision: str) -> str | None:
+        """Records `decision` if the case is still open, in one atomic step; returns the decision that
+        stands (this one when it won, the earlier one when another moderator was first), or None for a
+        case not recorded."""
+        ...
+
+    async def reopen_case(self, case_id: str, decision: str) -> None:
+        """Takes `decision` back (its action failed) if it is still the one recorded."""
+        ...
+
+    async def add_report(self, job_id: str, user_id: int, expires_at: float) -> int | None:
+        """Records a member's report of a job's result: how many members have reported it, or None when
+        this one had already."""
+        ...
+
     # The Segmind request budget: several processes on one API key must keep to one limit together.
     def shared_request_window(self, account: str) -> SharedWindow | None:
         """The request window every process on this store spending `account`'s budget shares, or None

@@ -226,6 +226,21 @@ class GuardedStore:
     async def clear_strikes(self, guild_id: int, user_id: int) -> None:
         await self._guard(self.backend.clear_strikes(guild_id, user_id))
 
+    async def add_case(self, case_id: str, data: str, expires_at: float) -> bool:
+        return await self._guard(self.backend.add_case(case_id, data, expires_at))
+
+    async def get_case(self, case_id: str) -> tuple[str, str | None] | None:
+        return await self._guard(self.backend.get_case(case_id))
+
+    async def decide_case(self, case_id: str, decision: str) -> str | None:
+        return await self._guard(self.backend.decide_case(case_id, decision))
+
+    async def reopen_case(self, case_id: str, decision: str) -> None:
+        await self._guard(self.backend.reopen_case(case_id, decision))
+
+    async def add_report(self, job_id: str, user_id: int, expires_at: float) -> int | None:
+        return await self._guard(self.backend.add_report(job_id, user_id, expires_at))
+
     def shared_request_window(self, account: str) -> SharedWindow | None:
         window = self.backend.shared_request_window(account)
         return None if window is None else GuardedWindow(self, window)

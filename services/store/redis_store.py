@@ -16,6 +16,8 @@ Key layout (all under the configurable prefix):
   so one left behind by a process that died before saving its job can be found and refunded
 - `segmind:budget`        sorted set: a token per request sent to Segmind -> when (Redis's clock), the
   sliding window every process on one API key draws from
+- `case:<id>`             hash: data (a mod-log case as JSON) and, once a moderator acted, decision
+- `reports:<job id>`      set: the members who reported the job's result
 - `segmind:budget:paused` until when (Redis's clock) every process holds its requests after a 429
 
 Scripts declare every key they touch in KEYS (reservation ids embed the user and server for that reason).
@@ -208,6 +210,19 @@ return 0
 # KEYS: window, paused. ARGV: limit, window seconds, token. Returns "0" when the send is recorded, else the
 # seconds to wait. The clock is Redis's own (TIME) so that processes on machines whose clocks disagree
 # still share one window. Strings, since Redis would truncate a Lua number to an integer.
+# KEYS: the case. ARGV: the decision. The first decision stands; returns it (nil: no such case).
+DECIDE_CASE_LUA = """
+if redis.call('HEXISTS', KEYS[1], 'data') == 0 then return false end
+redis.call('HSETNX', KEYS[1], 'decision', ARGV[1])
+return redis.call('HGET', KEYS[1], 'decision')
+"""
+
+# KEYS: the case. ARGV: the decision to take back, only if it is still the one recorded.
+REOPEN_CASE_LUA = """
+if redis.call('HGET', KEYS[1], 'decision') == ARGV[1] then redis.call('HDEL', KEYS[1], 'decision') end
+return 0
+"""
+
 TAKE_SLOT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -310,6 +325,8 @@ class RedisStore:
         self._release_script = client.register_script(RELEASE_LEASE_LUA)
         self._claim_sync_script = client.register_script(CLAIM_SYNC_LUA)
         self._finish_sync_script = client.register_script(FINISH_SYNC_LUA)
+        self._decide_script = client.register_script(DECIDE_CASE_LUA)
+        self._reopen_script = client.register_script(REOPEN_CASE_LUA)
 
     @classmethod
     async def open(
@@ -608,6 +625,39 @@ class RedisStore:
 
     async def clear_strikes(self, guild_id: int, user_id: int) -> None:
         await self._redis.delete(self._guild_key(guild_id, f"strikes:{int(user_id)}"))
+
+    # --- mod-log cases and reports ---
+
+    def _case_key(self, case_id: str) -> str:
+        return f"{self._prefix}case:{case_id}"
+
+    async def add_case(self, case_id: str, data: str, expires_at: float) -> bool:
+        key = self._case_key(case_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, "data", data)
+            pipe.expireat(key, math.ceil(expires_at), nx=True)
+            added, _expiry = await pipe.execute()
+        return bool(added)
+
+    async def get_case(self, case_id: str) -> tuple[str, str | None] | None:
+        data, decision = await self._redis.hmget(self._case_key(case_id), ["data", "decision"])
+        return None if data is None else (str(data), None if decision is None else str(decision))
+
+    async def decide_case(self, case_id: str, decision: str) -> str | None:
+        stood = await self._decide_script(keys=[self._case_key(case_id)], args=[decision])
+        return None if stood is None else str(stood)
+
+    async def reopen_case(self, case_id: str, decision: str) -> None:
+        await self._reopen_script(keys=[self._case_key(case_id)], args=[decision])
+
+    async def add_report(self, job_id: str, user_id: int, expires_at: float) -> int | None:
+        key = f"{self._prefix}reports:{job_id}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(key, str(int(user_id)))
+            pipe.scard(key)
+            pipe.expireat(key, math.ceil(expires_at))
+            added, count, _expiry = await pipe.execute()
+        return int(count) if added else None
 
     # --- request budget ---
 

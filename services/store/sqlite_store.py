@@ -111,6 +111,18 @@ CREATE TABLE IF NOT EXISTS strikes (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS strikes_member_time ON strikes (guild_id, user_id, at);
+CREATE TABLE IF NOT EXISTS mod_cases (
+    id TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    decision TEXT,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reports (
+    job_id TEXT NOT NULL,
+    user_id INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (job_id, user_id)
+);
 CREATE TABLE IF NOT EXISTS command_syncs (
     target TEXT PRIMARY KEY,
     synced TEXT,
@@ -553,6 +565,52 @@ class SQLiteStore:
 
         return await self._write(strike)
 
+    async def add_case(self, case_id: str, data: str, expires_at: float) -> bool:
+        def add(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "INSERT INTO mod_cases (id, data, expires_at) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                (case_id, data, expires_at),
+            )
+            return cursor.rowcount == 1
+
+        return await self._write(add)
+
+    async def get_case(self, case_id: str) -> tuple[str, str | None] | None:
+        row = await self._call(
+            lambda db: db.execute("SELECT data, decision FROM mod_cases WHERE id = ?", (case_id,)).fetchone()
+        )
+        return None if row is None else (str(row[0]), None if row[1] is None else str(row[1]))
+
+    async def decide_case(self, case_id: str, decision: str) -> str | None:
+        def decide(db: sqlite3.Connection) -> str | None:
+            db.execute(
+                "UPDATE mod_cases SET decision = ? WHERE id = ? AND decision IS NULL", (decision, case_id)
+            )
+            row = db.execute("SELECT decision FROM mod_cases WHERE id = ?", (case_id,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._write(decide)
+
+    async def reopen_case(self, case_id: str, decision: str) -> None:
+        await self._write(
+            lambda db: db.execute(
+                "UPDATE mod_cases SET decision = NULL WHERE id = ? AND decision = ?", (case_id, decision)
+            )
+        )
+
+    async def add_report(self, job_id: str, user_id: int, expires_at: float) -> int | None:
+        def report(db: sqlite3.Connection) -> int | None:
+            cursor = db.execute(
+                "INSERT INTO reports (job_id, user_id, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (job_id, user_id) DO NOTHING",
+                (job_id, user_id, expires_at),
+            )
+            if cursor.rowcount != 1:
+                return None
+            return int(db.execute("SELECT count(*) FROM reports WHERE job_id = ?", (job_id,)).fetchone()[0])
+
+        return await self._write(report)
+
     async def clear_strikes(self, guild_id: int, user_id: int) -> None:
         await self._write(
             lambda db: db.execute(
@@ -657,6 +715,8 @@ def _prepare(db: sqlite3.Connection, path: str, job_retention: float) -> None:
         cutoff = time.time() - job_retention
         db.execute(f"DELETE FROM jobs WHERE state IN ({_FINISHED_SQL}) AND updated_at < ?", (cutoff,))
         db.execute("DELETE FROM leases WHERE expires_at < ?", (cutoff,))
+        db.execute("DELETE FROM mod_cases WHERE expires_at < ?", (time.time(),))
+        db.execute("DELETE FROM reports WHERE expires_at < ?", (time.time(),))
         db.execute("COMMIT")
     except BaseException:
         _roll_back(db)

@@ -1,0 +1,194 @@
+"""The mod log end to end: entries moderators act on, reports that hide a result, and appeals."""
+
+from __future__ import annotations
+
+import asyncio
+
+from devtools.fakes.discord.models import DEFAULT_MEMBER_PERMISSIONS
+from devtools.fakes.discord.server import InteractionHandle, StoredMessage
+from devtools.stack import BotStack
+from tests.conftest import StackFactory
+from tests.test_admin_e2e import ADMIN, MEMBER, admin, case_entry, fields_of, reply_of
+
+MODERATOR = 4_444_444_444_444_444_444
+SECOND_MODERATOR = 4_444_444_444_444_444_445
+REPORTERS = [5_555_555_555_555_555_551, 5_555_555_555_555_555_552, 5_555_555_555_555_555_553]
+MANAGE_MESSAGES = 1 << 13
+MODERATOR_PERMISSIONS = DEFAULT_MEMBER_PERMISSIONS | MANAGE_MESSAGES
+
+
+def buttons(message: StoredMessage) -> dict[str, str]:
+    """Label → custom_id of the message's buttons."""
+    return {c["label"]: c["custom_id"] for row in message.components for c in row["components"]}
+
+
+async def press(
+    stack: BotStack,
+    message: StoredMessage,
+    label: str,
+    user_id: int = MODERATOR,
+    permissions: int = MODERATOR_PERMISSIONS,
+) -> InteractionHandle:
+    handle = await stack.discord.press_button(
+        message, buttons(message)[label], user_id=user_id, permissions=permissions
+    )
+    await handle.wait_for_callback(timeout=10)
+    return handle
+
+
+def followups(stack: BotStack, handle: InteractionHandle) -> list[str]:
+    return [
+        m.content for m in stack.discord.messages.values() if m.interaction_id == handle.id and m.ephemeral
+    ]
+
+
+def direct_messages(stack: BotStack, user_id: int) -> list[str]:
+    channel = stack.discord.dm_channel(user_id)
+    return [m.content for m in stack.discord.messages.values() if m.channel_id == channel]
+
+
+async def blocked_prompt(stack: BotStack) -> tuple[InteractionHandle, StoredMessage]:
+    await admin(stack, "blocklist add", terms="kid")
+    refused = await stack.imagine(prompt="a kid", user_id=MEMBER)
+    assert "rules don't allow" in reply_of(refused)
+    return refused, await case_entry(stack, "Prompt blocked by this server's rules")
+
+
+async def test_a_moderator_bans_from_the_entry_and_it_says_who_did(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    _, entry = await blocked_prompt(stack)
+    assert list(buttons(entry)) == ["Ban 24 h", "Dismiss"]
+
+    member_press = await press(
+        stack, entry, "Ban 24 h", user_id=MEMBER, permissions=DEFAULT_MEMBER_PERMISSIONS
+    )
+    assert "Only moderators" in reply_of(member_press)
+
+    banned = await press(stack, entry, "Ban 24 h")
+    await stack.discord.wait_for(lambda: "Decision" in fields_of(entry), 10)
+    assert banned.callback is not None and banned.callback.type == 6  # the entry itself is edited
+    decision = fields_of(entry)["Decision"]
+    assert decision.startswith(f"🔨 Banned for 24 h by <@{MODERATOR}>") and "banned until <t:" in decision
+    assert entry.components == []  # decided: nothing left to press
+
+    refused = await stack.imagine(prompt="a lighthouse", user_id=MEMBER)
+    assert reply_of(refused).startswith("⛔ You may not use the bot in this server until <t:")
+    assert "a prompt this server's rules block" in reply_of(refused)
+    assert stack.segmind.stats.submits == []
+
+
+async def test_two_moderators_at_once_one_decision_and_buttons_survive_a_restart(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack()
+    _, entry = await blocked_prompt(stack)
+    await stack.restart()
+    ids = buttons(entry)
+    both = await asyncio.gather(
+        stack.discord.press_button(
+            entry, ids["Ban 24 h"], user_id=MODERATOR, permissions=MODERATOR_PERMISSIONS
+        ),
+        stack.discord.press_button(
+            entry, ids["Dismiss"], user_id=SECOND_MODERATOR, permissions=MODERATOR_PERMISSIONS
+        ),
+    )
+    for handle in both:
+        await handle.wait_for_callback(timeout=10)
+    await stack.discord.wait_for(lambda: "Decision" in fields_of(entry), 10)
+    losers = [h for h in both if h.callback is not None and h.callback.type == 4]
+    assert len(losers) == 1 and reply_of(losers[0]).startswith("Already handled:")
+    banned = await stack.bot.moderation.active_ban(stack.discord.guild_id, MEMBER)
+    assert (banned is not None) == fields_of(entry)["Decision"].startswith("🔨")
+
+
+async def test_reports_hide_a_result_until_a_moderator_restores_it(make_stack: StackFactory) -> None:
+    stack = await make_stack(REPORTS_TO_HIDE="3")
+    made = await stack.imagine(prompt="a lighthouse", user_id=MEMBER)
+    result = made.original
+    assert result is not None and result.attachments
+
+    own = await press(stack, result, "Report", user_id=MEMBER, permissions=DEFAULT_MEMBER_PERMISSIONS)
+    assert "your own result" in reply_of(own)
+    first = await press(stack, result, "Report", user_id=REPORTERS[0], permissions=DEFAULT_MEMBER_PERMISSIONS)
+    assert "moderators have been told" in reply_of(first)
+    again = await press(stack, result, "Report", user_id=REPORTERS[0], permissions=DEFAULT_MEMBER_PERMISSIONS)
+    assert "reported this result already" in reply_of(again)
+    await press(stack, result, "Report", user_id=REPORTERS[1], permissions=DEFAULT_MEMBER_PERMISSIONS)
+    assert result.attachments  # two reports: still shown
+
+    third = await press(stack, result, "Report", user_id=REPORTERS[2], permissions=DEFAULT_MEMBER_PERMISSIONS)
+    assert third.callback is not None and third.callback.type == 7  # the answer is the edit that hides it
+    assert "hidden after reports" in result.content and not result.attachments and result.components == []
+    await stack.discord.wait_for(lambda: any("hidden" in text for text in followups(stack, third)), 10)
+
+    report = await case_entry(stack, "Result reported", nth=2)
+    assert list(buttons(report)) == ["Ban 24 h", "Dismiss", "Delete result"]
+    assert fields_of(report)["Member"] == f"<@{MEMBER}>" and "a lighthouse" in report.embeds[0]["description"]
+    hidden = await case_entry(stack, "Result hidden after reports")
+    assert list(buttons(hidden)) == ["Restore", "Delete result", "Ban 24 h"]
+
+    await press(stack, hidden, "Restore")
+    await stack.discord.wait_for(lambda: bool(result.attachments), 20)
+    assert "hidden" not in (result.content or "") and "Report" in buttons(result)
+    await stack.discord.wait_for(lambda: "Decision" in fields_of(hidden), 10)
+    assert fields_of(hidden)["Decision"].startswith(f"👁️ Result restored by <@{MODERATOR}>")
+
+    # The reports already made stay counted: a fourth member's report does not hide it again.
+    await press(stack, result, "Report", user_id=ADMIN, permissions=DEFAULT_MEMBER_PERMISSIONS)
+    assert result.attachments
+    await press(stack, report, "Delete result")
+    await stack.discord.wait_for(lambda: result.deleted, 10)
+
+
+async def test_a_blocked_member_appeals_and_the_moderators_answer(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    refused, _ = await blocked_prompt(stack)
+    reply = refused.original
+    assert reply is not None and list(buttons(reply)) == ["Appeal"]
+
+    opened = await stack.discord.press_button(reply, buttons(reply)["Appeal"], user_id=MEMBER)
+    await opened.wait_for_callback(timeout=10)
+    assert opened.modal is not None and "Appeal" in opened.modal["title"]
+    field = opened.modal["components"][0]["components"][0]["custom_id"]
+    sent = await stack.discord.submit_modal(opened, {field: "It was about a goat kid on a farm."})
+    await sent.wait_for_callback(timeout=10)
+    assert "appeal was sent" in reply_of(sent)
+
+    appeal = await case_entry(stack, "Appeal")
+    assert list(buttons(appeal)) == ["Lift ban", "Uphold"]
+    assert "goat kid on a farm" in appeal.embeds[0]["description"]
+    assert "The prompt: a kid" in appeal.embeds[0]["description"]
+
+    twice = await stack.discord.press_button(reply, buttons(reply)["Appeal"], user_id=MEMBER)
+    await twice.wait_for_callback(timeout=10)
+    resent = await stack.discord.submit_modal(twice, {field: "Please?"})
+    await resent.wait_for_callback(timeout=10)
+    assert "appealed this already" in reply_of(resent)
+
+    await press(stack, appeal, "Uphold")
+    await stack.discord.wait_for(
+        lambda: any("decision stands" in dm for dm in direct_messages(stack, MEMBER)), 10
+    )
+    await stack.discord.wait_for(lambda: "Decision" in fields_of(appeal), 10)
+    assert "the member was told" in fields_of(appeal)["Decision"]
+
+
+async def test_a_banned_member_appeals_the_ban_and_a_moderator_lifts_it(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    await admin(stack, "ban", member=MEMBER, reason="spam")
+    refused = await stack.imagine(prompt="a lighthouse", user_id=MEMBER)
+    reply = refused.original
+    assert reply is not None and "Appeal" in buttons(reply)
+    opened = await stack.discord.press_button(reply, buttons(reply)["Appeal"], user_id=MEMBER)
+    await opened.wait_for_callback(timeout=10)
+    assert opened.modal is not None
+    field = opened.modal["components"][0]["components"][0]["custom_id"]
+    sent = await stack.discord.submit_modal(opened, {field: "I will not spam again."})
+    await sent.wait_for_callback(timeout=10)
+
+    appeal = await case_entry(stack, "Appeal")
+    assert "the ban until a moderator lifts it (spam)" in fields_of(appeal)["Appealing"]
+    await press(stack, appeal, "Lift ban")
+    await stack.discord.wait_for(lambda: any("accepted" in dm for dm in direct_messages(stack, MEMBER)), 10)
+    allowed = await stack.imagine(prompt="a lighthouse", user_id=MEMBER)
+    assert allowed.original is not None and allowed.original.attachments
