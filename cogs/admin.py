@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import logging
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import discord
@@ -11,9 +14,11 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs import render
+from services.moderation.chart import MAX_DAYS, images_per_day_chart
 from services.moderation.policy import Moderation
 from services.moderation.settings import MAX_ROLE_TIERS, NO_LIMIT, GuildSettings, Scope
 from services.moderation.terms import Term, TermError, parse_terms
+from services.moderation.usage import summarise
 
 if TYPE_CHECKING:
     from cogs.app import DreamshaperBot
@@ -207,6 +212,28 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
             title=f"Banned here ({len(lines)})", description=render.truncate("\n".join(lines), 4000)
         )
         await interaction.response.send_message(embed=embed, ephemeral=True)
+
+    # -- usage --
+
+    @app_commands.command(name="usage", description="What this server used: images, jobs, blocks, GPU time")
+    @app_commands.describe(days="How many days back, today included (default 7)")
+    async def usage(
+        self, interaction: discord.Interaction[DreamshaperBot], days: app_commands.Range[int, 1, MAX_DAYS] = 7
+    ) -> None:
+        guild_id = _guild_id(interaction)
+        # The read and the chart may take longer than the 3 s an answer allows on a busy store.
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        today = datetime.now(UTC).date()
+        first = today - timedelta(days=days - 1)
+        rows = await self.bot.store.usage_between(guild_id, first.isoformat(), today.isoformat())
+        report = summarise(rows, first, today)
+        title = f"Images per day, {first:%d %b} – {today:%d %b %Y} (UTC)"
+        chart = await asyncio.to_thread(images_per_day_chart, report.images_per_day, title=title)
+        embed = render.usage_embed(report, days=days, price=self.bot.config.segmind_price_per_gpu_second)
+        embed.set_image(url="attachment://usage.png")
+        await interaction.followup.send(
+            embed=embed, file=discord.File(io.BytesIO(chart), filename="usage.png"), ephemeral=True
+        )
 
     # -- blocklist --
 

@@ -21,7 +21,7 @@ from cogs.answers import before_answering, send_ephemeral
 from cogs.modlog import BAN_REF, Refused, send_refusal
 from services.moderation.cases import CaseKind, ModCase, new_case_id
 from services.request import GenerationRequest
-from services.store.base import JobRecord, JobState, QuotaRefusal, new_job_id, new_reservation_id
+from services.store.base import JobRecord, JobState, QuotaRefusal, UsageCounts, new_job_id, new_reservation_id
 from services.store.guarded import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -171,6 +171,7 @@ async def _blocked(
     # The member's answer does not wait for the record or the post: the Appeal button finds the case
     # by the id it carries once it is there.
     bot.modlog.in_background(bot.modlog.post_case(case))
+    bot.modlog.in_background(bot.jobs.count_usage(guild_id, interaction.user.id, UsageCounts(blocked=1)))
     return case.id
 
 

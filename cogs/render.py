@@ -11,6 +11,7 @@ import discord
 from discord.app_commands import AppCommandError, MissingPermissions, TransformerError
 
 from services.jobs import DownloadFailed, JobError, Progress, ProgressKind, SubmitInterrupted
+from services.moderation.usage import UsageReport
 from services.request import GenerationRequest, RequestValidationError
 from services.segmind import (
     BadRequest,
@@ -335,6 +336,25 @@ def banned_reply(ban: Ban) -> str:
 
 def direct_messages_off_reply() -> str:
     return "🔒 This bot makes images in servers only; use /imagine in a server you share with it."
+
+
+def usage_embed(report: UsageReport, *, days: int, price: float | None) -> discord.Embed:
+    totals = report.totals
+    embed = discord.Embed(title=f"Usage here, the last {days} day(s)", colour=discord.Colour.blurple())
+    embed.add_field(name="Images", value=str(totals.images))
+    embed.add_field(name="Jobs", value=str(totals.jobs))
+    embed.add_field(name="Blocked", value=str(totals.blocked))
+    embed.add_field(name="Failed", value=str(totals.failed))
+    embed.add_field(name="GPU time", value=f"{totals.gpu_seconds:,.1f} s")
+    cost = report.cost(price)
+    if cost is not None:
+        embed.add_field(name="Cost", value=f"${cost:,.2f}")
+    top = "\n".join(
+        f"<@{member}>: {counts.images} image(s), {counts.jobs} job(s)"
+        for member, counts in report.top_members
+    )
+    embed.add_field(name="Top members", value=top or "nobody yet", inline=False)
+    return embed
 
 
 HIDDEN_RESULT = "🙈 This result was hidden after reports from members, until a moderator looks at it."

@@ -47,6 +47,8 @@ class Config:
     # None: status checks follow the learnt durations; a number: a check every that many seconds, as
     # Segmind's own SDK does (predictable, and the baseline the benchmark compares against).
     segmind_poll_seconds: float | None = None
+    # What Segmind charges per second of GPU time, for the cost `/admin usage` shows (None: no cost shown).
+    segmind_price_per_gpu_second: float | None = None
     database_url: str = "sqlite:///data/bot.sqlite3"
     quota_daily_images: int = 40
     quota_max_concurrent: int = 2
@@ -85,6 +87,7 @@ class Config:
                 "SEGMIND_MAX_POLL_SECONDS", _at_least_half_a_second, cls.segmind_max_poll_seconds
             ),
             "segmind_poll_seconds": reader.get("SEGMIND_POLL_SECONDS", _at_least_half_a_second, None),
+            "segmind_price_per_gpu_second": reader.get("SEGMIND_PRICE_PER_GPU_SECOND", _price, None),
             "database_url": reader.get("DATABASE_URL", _database_url, cls.database_url),
             "quota_daily_images": reader.get("QUOTA_DAILY_IMAGES", _int_at_least(0), cls.quota_daily_images),
             "quota_max_concurrent": reader.get(
@@ -184,6 +187,16 @@ def _positive_float(raw: str) -> float:
         raise ValueError("expected a number of seconds") from None
     if not value > 0 or value == float("inf"):
         raise ValueError("expected a positive number of seconds")
+    return value
+
+
+def _price(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a price in dollars, such as 0.0015") from None
+    if not 0 <= value < float("inf"):
+        raise ValueError("expected a price of 0 or more")
     return value
 
 

@@ -34,7 +34,7 @@ from services.segmind import (
     SegmindState,
     SubmittedJob,
 )
-from services.store.base import JobRecord, JobState, Store
+from services.store.base import JobRecord, JobState, Store, UsageCounts, usage_day
 from services.store.guarded import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -329,6 +329,8 @@ class JobService:
             },
         )
         log.info("job %s: completed (%s, %d image(s))", job.id, submitted.request_id, len(images))
+        counts = UsageCounts(jobs=1, images=len(images), gpu_seconds=result.inference_time or 0.0)
+        await self.count_usage(job.guild_id, job.user_id, counts)
         return GeneratedImages(job, submitted.request, images, result.inference_time)
 
     async def recover_images(self, job: JobRecord, request: GenerationRequest) -> GeneratedImages:
@@ -520,6 +522,21 @@ class JobService:
             type(error).__name__,
             "charged" if billed else "refunded",
         )
+        blocked = isinstance(error, JobFailed) and error.is_content_block
+        counts = UsageCounts(
+            jobs=int(job.segmind_request_id is not None), blocked=int(blocked), failed=int(not blocked)
+        )
+        await self.count_usage(job.guild_id, job.user_id, counts)
+
+    async def count_usage(self, guild_id: int | None, user_id: int, counts: UsageCounts) -> None:
+        """Adds to the server's usage for `/admin usage` (none is kept for direct messages); a store that
+        fails costs the figure, not the job."""
+        if guild_id is None:
+            return
+        try:
+            await self.store.add_usage(guild_id, usage_day(self._clock()), user_id, counts)
+        except StoreUnavailable as error:
+            log.warning("usage of %d in server %d was not counted: %s", user_id, guild_id, error)
 
     async def fetch_images(self, result: JobResult, samples: int, *, deadline_at: float) -> list[bytes]:
         """The job's images, downloaded (or decoded) and checked, all of them by `deadline_at` (monotonic)."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from devtools.fakes.discord.models import DEFAULT_MEMBER_PERMISSIONS
 from devtools.fakes.discord.server import InteractionHandle, StoredMessage
 from devtools.stack import BotStack
-from tests.conftest import StackFactory
+from tests.conftest import BLOCKED_WORD, StackFactory
+from tests.test_usage_chart import bar_heights
 
 MEMBER = 1_111_111_111_111_111_111
 ARTIST = 1_111_111_111_111_111_112
@@ -255,3 +258,45 @@ async def test_a_servers_quota_and_role_tiers_hold_per_member_per_server(make_st
     assert "has no tier here" in reply_of(await admin(stack, "role", role=ARTISTS_ROLE))
     everyone = await admin(stack, "role", role=stack.discord.guild_id, daily=5)
     assert "set its limit with /admin quota" in reply_of(everyone)
+
+
+async def test_usage_sums_the_period_with_a_chart_and_the_cost(make_stack: StackFactory) -> None:
+    stack = await make_stack(SEGMIND_PRICE_PER_GPU_SECOND="0.5")
+    await admin(stack, "blocklist add", terms="kid")
+    assert delivered(await stack.imagine(prompt="a lighthouse", samples=2, user_id=MEMBER))
+    assert delivered(await stack.imagine(prompt="a harbour", user_id=ARTIST))
+    await stack.imagine(prompt="a kid", user_id=GUEST)  # the blocklist
+    await stack.imagine(prompt=f"a {BLOCKED_WORD} thing", user_id=GUEST)  # Segmind's filter
+
+    async def report() -> InteractionHandle:
+        handle = await stack.discord.send_slash_command(
+            "admin usage", {"days": 7}, user_id=ADMIN, username="admin", permissions=ADMIN_PERMISSIONS
+        )
+        await stack.settled(handle, 10)
+        return handle
+
+    handle = await report()
+    for _ in range(50):  # the blocklist's count is written in the background
+        if fields_of_embed(handle)["Blocked"] == "2":
+            break
+        await asyncio.sleep(0.1)
+        handle = await report()
+    message = handle.original
+    assert message is not None and message.ephemeral
+    fields = fields_of_embed(handle)
+    assert (fields["Images"], fields["Jobs"], fields["Failed"]) == ("3", "3", "0")
+    jobs = [job for user in (MEMBER, ARTIST) for job in await stack.bot.store.recent_jobs(user)]
+    gpu = sum(float((job.result or {})["metrics"]["inference_time"]) for job in jobs)
+    assert gpu > 0
+    assert fields["GPU time"] == f"{gpu:,.1f} s" and fields["Cost"] == f"${gpu * 0.5:,.2f}"
+    top = fields["Top members"].splitlines()
+    assert top[0].startswith(f"<@{MEMBER}>: 2 image(s)") and top[1].startswith(f"<@{ARTIST}>: 1 image(s)")
+    assert message.embeds[0]["image"]["url"] == "attachment://usage.png"
+    chart = next(a for a in message.attachments if a.filename == "usage.png")
+    heights = bar_heights(chart.data, 7)
+    assert heights[-1] > 0 and heights[:-1] == [0] * 6  # everything happened today
+
+
+def fields_of_embed(handle: InteractionHandle) -> dict[str, str]:
+    assert handle.original is not None and handle.original.embeds
+    return {f["name"]: f["value"] for f in handle.original.embeds[0].get("fields", [])}

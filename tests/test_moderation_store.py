@@ -8,7 +8,7 @@ import json
 import pytest
 
 from services.store import Store
-from services.store.base import Ban
+from services.store.base import Ban, UsageCounts, UsageRow
 from tests import test_store
 from tests.test_store import DAY, HOUR, NOW, Backend
 
@@ -101,10 +101,7 @@ async def test_a_case_is_decided_once_whichever_process_is_first(backend: Backen
     assert not await second.add_case("c1", '{"kind":"other"}', NOW + DAY)  # the first record stays
     assert await second.get_case("c1") == ('{"kind":"blocked"}', None)
     decisions = await asyncio.gather(
-        *(
-            (first if n % 2 else second).decide_case("c1", json.dumps({"action": f"a{n}"}))
-            for n in range(10)
-        )
+        *((first if n % 2 else second).decide_case("c1", json.dumps({"action": f"a{n}"})) for n in range(10))
     )
     assert len(set(decisions)) == 1  # every moderator is told the one decision that stands
     assert await first.get_case("c1") == ('{"kind":"blocked"}', decisions[0])
@@ -129,3 +126,20 @@ async def test_each_member_reports_a_result_once(backend: Backend) -> None:
     assert await second.add_report("job1", MEMBER, NOW + DAY) is None
     assert await second.add_report("job1", OTHER_MEMBER, NOW + DAY) == 2
     assert await first.add_report("job2", MEMBER, NOW + DAY) == 1
+
+
+async def test_usage_adds_up_per_server_day_and_member(backend: Backend) -> None:
+    first, second = await backend.open(), await backend.open()
+    await first.add_usage(GUILD, "2026-11-30", MEMBER, UsageCounts(jobs=1, images=4, gpu_seconds=2.5))
+    await second.add_usage(GUILD, "2026-11-30", MEMBER, UsageCounts(jobs=1, images=1, gpu_seconds=0.25))
+    await second.add_usage(GUILD, "2026-11-30", OTHER_MEMBER, UsageCounts(blocked=1))
+    await first.add_usage(GUILD, "2026-12-01", MEMBER, UsageCounts(failed=1, jobs=1))
+    await first.add_usage(OTHER_GUILD, "2026-12-01", MEMBER, UsageCounts(images=9))
+    rows = await second.usage_between(GUILD, "2026-11-29", "2026-12-01")
+    assert rows == [
+        UsageRow("2026-11-30", MEMBER, UsageCounts(jobs=2, images=5, gpu_seconds=2.75)),
+        UsageRow("2026-11-30", OTHER_MEMBER, UsageCounts(blocked=1)),
+        UsageRow("2026-12-01", MEMBER, UsageCounts(jobs=1, failed=1)),
+    ]
+    assert await first.usage_between(GUILD, "2026-12-01", "2026-12-01") == rows[2:]
+    assert await first.usage_between(GUILD, "2026-11-01", "2026-11-29") == []

@@ -11,6 +11,7 @@ import logging
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -230,6 +231,44 @@ class Ban:
         )
 
 
+@dataclass(frozen=True)
+class UsageCounts:
+    """What one member did in one server on one day, for `/admin usage`."""
+
+    jobs: int = 0  # jobs that reached Segmind
+    images: int = 0  # images generated
+    blocked: int = 0  # prompts refused by the server's rules or Segmind's filter
+    failed: int = 0  # jobs that ended without images for another reason
+    gpu_seconds: float = 0.0  # Segmind's inference_time, summed
+
+    def __add__(self, other: UsageCounts) -> UsageCounts:
+        return UsageCounts(
+            *(getattr(self, name) + getattr(other, name) for name in USAGE_COUNTERS)  # type: ignore[arg-type]
+        )
+
+
+USAGE_COUNTERS = tuple(f.name for f in fields(UsageCounts))
+USAGE_RETENTION_DAYS = 100  # `/admin usage` looks back 90 days at most
+
+
+def usage_day(now: float) -> str:
+    """The day (UTC, ISO) usage at `now` counts on."""
+    return datetime.fromtimestamp(now, UTC).date().isoformat()
+
+
+def days_between(first_day: str, last_day: str) -> list[str]:
+    """The ISO dates from `first_day` to `last_day`, both included."""
+    first, last = date.fromisoformat(first_day), date.fromisoformat(last_day)
+    return [(first + timedelta(days=n)).isoformat() for n in range((last - first).days + 1)]
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    day: str  # ISO date, UTC
+    user_id: int
+    counts: UsageCounts
+
+
 class Store(Protocol):
     """What the bot keeps between restarts and shares between its processes, behind one small interface.
 
@@ -364,6 +403,13 @@ class Store(Protocol):
     async def add_report(self, job_id: str, user_id: int, expires_at: float) -> int | None:
         """Records a member's report of a job's result: how many members have reported it, or None when
         this one had already."""
+        ...
+
+    # Usage per server, day (ISO date, UTC) and member, kept USAGE_RETENTION_DAYS.
+    async def add_usage(self, guild_id: int, day: str, user_id: int, counts: UsageCounts) -> None: ...
+
+    async def usage_between(self, guild_id: int, first_day: str, last_day: str) -> list[UsageRow]:
+        """Every member's counts on each day from `first_day` to `last_day`, both included."""
         ...
 
     # The Segmind request budget: several processes on one API key must keep to one limit together.

@@ -20,6 +20,8 @@ from services.store.base import (
     Reservation,
     Store,
     SyncClaim,
+    UsageCounts,
+    UsageRow,
 )
 
 if TYPE_CHECKING:
@@ -240,6 +242,12 @@ class GuardedStore:
 
     async def add_report(self, job_id: str, user_id: int, expires_at: float) -> int | None:
         return await self._guard(self.backend.add_report(job_id, user_id, expires_at))
+
+    async def add_usage(self, guild_id: int, day: str, user_id: int, counts: UsageCounts) -> None:
+        await self._guard(self.backend.add_usage(guild_id, day, user_id, counts))
+
+    async def usage_between(self, guild_id: int, first_day: str, last_day: str) -> list[UsageRow]:
+        return await self._guard(self.backend.usage_between(guild_id, first_day, last_day))
 
     def shared_request_window(self, account: str) -> SharedWindow | None:
         window = self.backend.shared_request_window(account)

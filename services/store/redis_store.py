@@ -18,6 +18,7 @@ Key layout (all under the configurable prefix):
   sliding window every process on one API key draws from
 - `case:<id>`             hash: data (a mod-log case as JSON) and, once a moderator acted, decision
 - `reports:<job id>`      set: the members who reported the job's result
+- `usage:<server>:<day>`  hash: "<member>:<counter>" -> count, for `/admin usage`
 - `segmind:budget:paused` until when (Redis's clock) every process holds its requests after a 429
 
 Scripts declare every key they touch in KEYS (reservation ids embed the user and server for that reason).
@@ -38,6 +39,8 @@ from redis.exceptions import RedisError, WatchError
 
 from services.store.base import (
     UNFINISHED,
+    USAGE_COUNTERS,
+    USAGE_RETENTION_DAYS,
     Ban,
     JobRecord,
     QuotaEntry,
@@ -46,8 +49,11 @@ from services.store.base import (
     QuotaUsage,
     Reservation,
     SyncClaim,
+    UsageCounts,
+    UsageRow,
     check_images,
     check_reservable,
+    days_between,
     load_job,
     new_reservation_id,
     reservation_holder,
@@ -625,6 +631,56 @@ class RedisStore:
 
     async def clear_strikes(self, guild_id: int, user_id: int) -> None:
         await self._redis.delete(self._guild_key(guild_id, f"strikes:{int(user_id)}"))
+
+    # --- usage ---
+
+    def _usage_key(self, guild_id: int, day: str) -> str:
+        return f"{self._prefix}usage:{int(guild_id)}:{day}"
+
+    async def add_usage(self, guild_id: int, day: str, user_id: int, counts: UsageCounts) -> None:
+        key = self._usage_key(guild_id, day)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for name in USAGE_COUNTERS:
+                value = getattr(counts, name)
+                if not value:
+                    continue
+                if isinstance(value, float):
+                    pipe.hincrbyfloat(key, f"{int(user_id)}:{name}", value)
+                else:
+                    pipe.hincrby(key, f"{int(user_id)}:{name}", value)
+            pipe.expire(key, USAGE_RETENTION_DAYS * 86400)
+            await pipe.execute()
+
+    async def usage_between(self, guild_id: int, first_day: str, last_day: str) -> list[UsageRow]:
+        days = days_between(first_day, last_day)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for day in days:
+                pipe.hgetall(self._usage_key(guild_id, day))
+            stored = await pipe.execute()
+        rows = []
+        for day, fields in zip(days, stored, strict=True):
+            members: dict[int, dict[str, float]] = {}
+            for field, value in fields.items():
+                user, _, name = str(field).partition(":")
+                if user.isdigit() and name in USAGE_COUNTERS:
+                    members.setdefault(int(user), {})[name] = float(value)
+            for user_id in sorted(members):
+                counts = members[user_id]
+                rows.append(
+                    UsageRow(
+                        day,
+                        user_id,
+                        UsageCounts(
+                            **{
+                                name: counts.get(name, 0.0)
+                                if name == "gpu_seconds"
+                                else int(counts.get(name, 0))
+                                for name in USAGE_COUNTERS
+                            }
+                        ),
+                    )
+                )
+        return rows
 
     # --- mod-log cases and reports ---
 

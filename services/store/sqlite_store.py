@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -27,6 +28,8 @@ from services.store.base import (
     REFUNDED,
     RESERVED,
     UNFINISHED,
+    USAGE_COUNTERS,
+    USAGE_RETENTION_DAYS,
     Ban,
     JobRecord,
     QuotaEntry,
@@ -35,6 +38,8 @@ from services.store.base import (
     QuotaUsage,
     Reservation,
     SyncClaim,
+    UsageCounts,
+    UsageRow,
     check_images,
     check_reservable,
     evaluate,
@@ -117,6 +122,17 @@ CREATE TABLE IF NOT EXISTS mod_cases (
     decision TEXT,
     expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS usage (
+    guild_id INTEGER NOT NULL,
+    day TEXT NOT NULL,
+    user_id INTEGER NOT NULL,
+    jobs INTEGER NOT NULL DEFAULT 0,
+    images INTEGER NOT NULL DEFAULT 0,
+    blocked INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    gpu_seconds REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (guild_id, day, user_id)
+);
 CREATE TABLE IF NOT EXISTS reports (
     job_id TEXT NOT NULL,
     user_id INTEGER NOT NULL,
@@ -132,6 +148,9 @@ CREATE TABLE IF NOT EXISTS command_syncs (
 );
 """
 
+_USAGE_COLUMNS = ", ".join(USAGE_COUNTERS)
+_USAGE_SLOTS = ", ".join("?" for _ in USAGE_COUNTERS)
+_USAGE_SUMS = ", ".join(f"{name} = {name} + excluded.{name}" for name in USAGE_COUNTERS)
 _UNFINISHED_SQL = ", ".join(f"'{state.value}'" for state in sorted(UNFINISHED))
 _FINISHED_SQL = ", ".join(f"'{state.value}'" for state in sorted(FINISHED))
 
@@ -611,6 +630,26 @@ class SQLiteStore:
 
         return await self._write(report)
 
+    async def add_usage(self, guild_id: int, day: str, user_id: int, counts: UsageCounts) -> None:
+        values = [getattr(counts, name) for name in USAGE_COUNTERS]
+        await self._write(
+            lambda db: db.execute(
+                f"INSERT INTO usage (guild_id, day, user_id, {_USAGE_COLUMNS}) VALUES (?, ?, ?, {_USAGE_SLOTS})"
+                f" ON CONFLICT (guild_id, day, user_id) DO UPDATE SET {_USAGE_SUMS}",
+                (guild_id, day, user_id, *values),
+            )
+        )
+
+    async def usage_between(self, guild_id: int, first_day: str, last_day: str) -> list[UsageRow]:
+        rows = await self._call(
+            lambda db: db.execute(
+                f"SELECT day, user_id, {_USAGE_COLUMNS} FROM usage"
+                " WHERE guild_id = ? AND day >= ? AND day <= ? ORDER BY day, user_id",
+                (guild_id, first_day, last_day),
+            ).fetchall()
+        )
+        return [UsageRow(str(row[0]), int(row[1]), UsageCounts(*row[2:])) for row in rows]
+
     async def clear_strikes(self, guild_id: int, user_id: int) -> None:
         await self._write(
             lambda db: db.execute(
@@ -717,6 +756,8 @@ def _prepare(db: sqlite3.Connection, path: str, job_retention: float) -> None:
         db.execute("DELETE FROM leases WHERE expires_at < ?", (cutoff,))
         db.execute("DELETE FROM mod_cases WHERE expires_at < ?", (time.time(),))
         db.execute("DELETE FROM reports WHERE expires_at < ?", (time.time(),))
+        oldest = datetime.fromtimestamp(time.time() - USAGE_RETENTION_DAYS * 86400, UTC).date().isoformat()
+        db.execute("DELETE FROM usage WHERE day < ?", (oldest,))
         db.execute("COMMIT")
     except BaseException:
         _roll_back(db)
