@@ -90,34 +90,47 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
     @app_commands.describe(
         daily="Images per member per day (0: only members with a role tier may generate)",
         concurrent="Jobs a member may have running at once",
+        reset="Back to the bot's defaults for both",
     )
     async def quota(
         self,
         interaction: discord.Interaction[DreamshaperBot],
         daily: app_commands.Range[int, 0, MAX_DAILY_IMAGES] | None = None,
         concurrent: app_commands.Range[int, 1, MAX_CONCURRENT_JOBS] | None = None,
+        reset: bool = False,
     ) -> None:
-        if daily is None and concurrent is None:
+        if reset and (daily is not None or concurrent is not None):
+            raise render.Refusal("Give `reset` alone, or `daily` and `concurrent` without it.")
+        if not reset and daily is None and concurrent is None:
             raise render.Refusal("Give `daily`, `concurrent` or both; /admin settings shows what is set now.")
 
         def edit(settings: GuildSettings) -> GuildSettings:
+            if reset:
+                return replace(settings, daily_images=None, max_concurrent=None)
             return replace(
                 settings,
                 daily_images=settings.daily_images if daily is None else daily,
                 max_concurrent=settings.max_concurrent if concurrent is None else concurrent,
             )
 
-        before, _ = await self.moderation.change(_guild_id(interaction), edit)
+        before, after = await self.moderation.change(_guild_id(interaction), edit)
         defaults = self.bot.config
         changes = []
-        if daily is not None:
-            changes.append(
-                f"the daily images {_or(before.daily_images, defaults.quota_daily_images)} → {daily}"
-            )
-        if concurrent is not None:
+        if before.daily_images != after.daily_images or daily is not None:
+            old = _or(before.daily_images, defaults.quota_daily_images)
+            changes.append(f"the daily images {old} → {_or(after.daily_images, defaults.quota_daily_images)}")
+        if before.max_concurrent != after.max_concurrent or concurrent is not None:
             old = _or(before.max_concurrent, defaults.quota_max_concurrent)
-            changes.append(f"the jobs at once {old} → {concurrent}")
-        await self._log_and_reply(interaction, "set " + " and ".join(changes))
+            changes.append(
+                f"the jobs at once {old} → {_or(after.max_concurrent, defaults.quota_max_concurrent)}"
+            )
+        if not changes:
+            raise render.Refusal("This server already has the bot's defaults.")
+        ceiling = defaults.quota_server_max_daily_images
+        note = ""
+        if ceiling is not None and (after.daily_images or 0) > ceiling:
+            note = f" (the bot's operator caps it at {ceiling} a day)"
+        await self._log_and_reply(interaction, "set " + " and ".join(changes), note=note)
 
     @app_commands.command(name="role", description="A daily limit for members with a role")
     @app_commands.describe(
@@ -148,8 +161,12 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
         old = before.role_tiers.get(role.id)
         if daily is None and old is None:
             raise render.Refusal(f"{role.mention} has no tier here.")
+        ceiling = self.bot.config.quota_server_max_daily_images
+        capped = ceiling is not None and daily is not None and (daily == NO_LIMIT or daily > ceiling)
         await self._log_and_reply(
-            interaction, f"set the daily images of {role.mention} {_tier(old)} → {_tier(daily)}"
+            interaction,
+            f"set the daily images of {role.mention} {_tier(old)} → {_tier(daily)}",
+            note=f" (the bot's operator caps it at {ceiling} a day)" if capped else "",
         )
 
     @app_commands.command(

@@ -291,6 +291,7 @@ class DreamshaperBot(commands.AutoShardedBot):
             store,
             QuotaLimits(config.quota_daily_images, config.quota_max_concurrent),
             config.quota_exempt_role_ids,
+            server_ceiling=config.quota_server_max_daily_images,
         )
         self.jobs = JobService(
             self.segmind,

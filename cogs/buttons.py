@@ -29,7 +29,7 @@ from cogs.answers import answer_failure, before_answering, refuse, send_ephemera
 from cogs.intake import ban_refusal, start_job
 from cogs.modlog import Refused, send_refusal
 from services.jobs import JobError
-from services.moderation.cases import CaseKind, ModCase, new_case_id
+from services.moderation.cases import CaseKind, ModCase
 from services.request import GenerationRequest
 from services.store.base import JobRecord, JobState
 
@@ -200,47 +200,68 @@ class ReportButton(
 
     async def callback(self, interaction: discord.Interaction[DreamshaperBot]) -> None:
         async with self.answering(interaction):
-            bot, job = interaction.client, self.record
+            bot, job, message = interaction.client, self.record, interaction.message
+            if message is None or not await bot.modlog.channel_id(interaction.guild_id):
+                await send_ephemeral(
+                    interaction, "This server has no mod log, so a report would reach nobody."
+                )
+                return
+            # One case per result, whichever entry a moderator acts on: reports never act twice.
+            case = ModCase(
+                f"report-{job.id}",
+                CaseKind.REPORT,
+                interaction.guild_id,
+                time.time(),
+                member_id=job.user_id,
+                channel_id=message.channel.id,
+                job_id=job.id,
+                message_id=message.id,
+                text=GenerationRequest.from_payload(job.request).prompt,
+            )
             async with before_answering():
                 reports = await bot.moderation.report(job.id, interaction.user.id)
+                if reports is not None:
+                    await bot.moderation.open_case(case)
+                    hide = reports >= bot.config.reports_to_hide and await self._hides(interaction, case)
             if reports is None:
                 await send_ephemeral(
                     interaction, "You have reported this result already; the moderators know."
                 )
                 return
             log.info("job %s: reported by %d (%d so far)", job.id, interaction.user.id, reports)
-            report = self._case(interaction, CaseKind.REPORT, f"{reports} of {bot.config.reports_to_hide}")
-            bot.modlog.in_background(bot.modlog.post_case(report))
+            fields = [("Reported by", f"<@{interaction.user.id}>"), ("Reports", f"{reports}"), _link(message)]
+            bot.modlog.in_background(bot.modlog.post_case(case, recorded=True, fields=fields))
             thanks = "🚩 Thank you: the moderators have been told."
-            if reports != bot.config.reports_to_hide:
+            if not hide:
                 await send_ephemeral(interaction, thanks)
                 return
-            # The press came from the result's own message: this answer is the edit that hides it.
-            await interaction.response.edit_message(
-                content=render.HIDDEN_RESULT, embed=None, attachments=[], view=None
-            )
             log.info("job %s: hidden after %d reports", job.id, reports)
-            hidden = self._case(interaction, CaseKind.HIDDEN, f"{reports} members")
-            bot.modlog.in_background(bot.modlog.post_case(hidden))
-            await interaction.followup.send(
-                f"{thanks} The result is hidden until they look at it.", ephemeral=True
+            hidden = [("Reports", f"{reports} members"), _link(message)]
+            bot.modlog.in_background(
+                bot.modlog.post_case(case, recorded=True, kind=CaseKind.HIDDEN, fields=hidden)
             )
+            try:
+                # The press came from the result's own message: this answer is the edit that hides it.
+                await interaction.response.edit_message(
+                    content=render.HIDDEN_RESULT, embed=None, attachments=[], view=None
+                )
+            except discord.HTTPException:
+                bot.modlog.in_background(bot.runner.hide_result(message.channel.id, message.id))
+            await send_ephemeral(interaction, f"{thanks} The result is hidden until they look at it.")
 
-    def _case(self, interaction: discord.Interaction[DreamshaperBot], kind: CaseKind, detail: str) -> ModCase:
-        job = self.record
-        return ModCase(
-            new_case_id(),
-            kind,
-            interaction.guild_id,
-            time.time(),
-            member_id=job.user_id,
-            channel_id=interaction.channel_id,
-            job_id=job.id,
-            text=GenerationRequest.from_payload(job.request).prompt,
-            detail=f"{detail}; [the result]({interaction.message.jump_url})"
-            if interaction.message
-            else detail,
-        )
+    @staticmethod
+    async def _hides(interaction: discord.Interaction[DreamshaperBot], case: ModCase) -> bool:
+        """Whether this report is the one that hides the result: once per result, and not once a
+        moderator has decided on it (a restored result stays shown)."""
+        moderation = interaction.client.moderation
+        current = await moderation.case(case.id)
+        if current is not None and current.decision is not None:
+            return False
+        return await moderation.open_case(replace(case, id=f"hidden-{case.job_id}", kind=CaseKind.HIDDEN))
+
+
+def _link(message: discord.Message) -> tuple[str, str]:
+    return ("Result", f"[jump to it]({message.jump_url})")
 
 
 class ResendButton(JobButton, action="resend", label="Resend", emoji="📬", style=discord.ButtonStyle.primary):

@@ -601,10 +601,11 @@ class JobRunner(commands.Cog):
             # Jobs queued behind the first one fail the same way; the admins need to hear it once.
             self._credits_reported_until = time.time() + self.bot.config.credits_cooloff_seconds
             log.error("Segmind says the account is out of credits; new jobs are refused for a while")
+            # The operator's to act on (MOD_LOG_CHANNEL_ID), not one server's.
             credits = ModCase(
                 new_case_id(),
                 CaseKind.CREDITS,
-                error.job.guild_id,
+                None,
                 time.time(),
                 text="Segmind reports the bot's account is out of credits. Top it up to resume.",
             )
@@ -638,25 +639,30 @@ class JobRunner(commands.Cog):
             modlog.in_background(modlog.post_text(banned, guild_id=job.guild_id))
         return ban
 
-    async def delete_result(self, job_id: str) -> bool:
-        """Deletes a job's posted result (for a moderator); False when it was gone already."""
-        job = await self.bot.store.get_job(job_id)
-        if job is None or job.message_id is None or job.channel_id is None:
-            return False
+    async def delete_result(self, channel_id: int, message_id: int) -> bool:
+        """Deletes a posted result (for a moderator); False when it was gone already."""
         try:
-            await (
-                self.bot.get_partial_messageable(job.channel_id).get_partial_message(job.message_id).delete()
-            )
+            await self.bot.get_partial_messageable(channel_id).get_partial_message(message_id).delete()
         except discord.NotFound:
             return False
-        log.info("job %s: result deleted by a moderator", job_id)
+        log.info("message %d: result deleted by a moderator", message_id)
         return True
 
-    async def restore_result(self, job_id: str) -> str | None:
-        """Posts a hidden result's images again, fetched anew; None once done, else why it could not be."""
+    async def hide_result(self, channel_id: int, message_id: int) -> None:
+        """Replaces a reported result's images with a notice, through the channel (the reporter's own
+        interaction could not); a moderator's Restore puts them back."""
+        message = self.bot.get_partial_messageable(channel_id).get_partial_message(message_id)
+        try:
+            await message.edit(content=render.HIDDEN_RESULT, embed=None, attachments=[], view=None)
+        except discord.HTTPException as error:
+            log.warning("message %d: the reported result could not be hidden: %s", message_id, error)
+
+    async def restore_result(self, job_id: str, channel_id: int, message_id: int) -> str | None:
+        """Puts a hidden result's images back into its message, fetched anew; None once done, else why it
+        could not be."""
         job = await self.bot.store.get_job(job_id)
-        if job is None or job.message_id is None or job.channel_id is None:
-            return "its record is no longer kept"
+        if job is None:
+            return "its job's record is no longer kept"
         request = GenerationRequest.from_payload(job.request)
         try:
             generated = await self.bot.jobs.fetch_again(job, request)
@@ -670,7 +676,7 @@ class JobRunner(commands.Cog):
         embed = render.result_embed(
             request, inference_time=generated.inference_time, requester=job.requester_name or "a member"
         )
-        message = self.bot.get_partial_messageable(job.channel_id).get_partial_message(job.message_id)
+        message = self.bot.get_partial_messageable(channel_id).get_partial_message(message_id)
         try:
             await message.edit(
                 content=None, embed=embed, attachments=discord_files(prepared), view=result_view(job.id)

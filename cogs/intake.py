@@ -76,11 +76,12 @@ async def _record_job(
     if limits is None:
         return render.may_not_generate_reply()
     if interaction.guild_id is not None:
-        case_id = await _blocked(interaction, interaction.guild_id, request.prompt)
-        if case_id is not None:
+        case = await _blocked(interaction, interaction.guild_id, request.prompt)
+        if case is not None:
+            appeal = await _record_case(bot, case)
             ban = await interaction.client.moderation.strike(interaction.guild_id, interaction.user.id)
             if ban is None:
-                return Refused(render.blocked_prompt_reply(), appeal=case_id)
+                return Refused(render.blocked_prompt_reply(), appeal=appeal)
             modlog = bot.modlog
             banned = f"⛔ <@{interaction.user.id}> was banned {render.ban_end(ban)}: {ban.reason}."
             modlog.in_background(modlog.post_text(banned, guild_id=interaction.guild_id))
@@ -140,10 +141,9 @@ async def _withdraw(bot: DreamshaperBot, job: JobRecord) -> None:
 
 async def _blocked(
     interaction: discord.Interaction[DreamshaperBot], guild_id: int, prompt: str
-) -> str | None:
+) -> ModCase | None:
     """The server's rules against this prompt, checked before anything is reserved or sent: None when it
-    may run, else the id of the mod-log case, posted (in the background) with the term that matched; the
-    member is not told which."""
+    may run, else the mod-log case, with the term that matched (the member is not told which)."""
     channel = interaction.channel
     parent_id = getattr(channel, "parent_id", None)
     bot = interaction.client
@@ -168,10 +168,21 @@ async def _blocked(
         text=prompt,
         detail=f"`{block.matched}` ({source})",
     )
-    # The member's answer does not wait for the record or the post: the Appeal button finds the case
-    # by the id it carries once it is there.
-    bot.modlog.in_background(bot.modlog.post_case(case))
     bot.modlog.in_background(bot.jobs.count_usage(guild_id, interaction.user.id, UsageCounts(blocked=1)))
+    return case
+
+
+async def _record_case(bot: DreamshaperBot, case: ModCase) -> str | None:
+    """Records the case before the member is answered, so their Appeal finds it, and posts its entry in
+    the background; the id to appeal, or None when the store could not take it (the entry is posted all
+    the same)."""
+    try:
+        await bot.moderation.open_case(case)
+    except StoreUnavailable as error:
+        log.warning("case %s: not recorded (%s)", case.id, error)
+        bot.modlog.in_background(bot.modlog.post_case(case))
+        return None
+    bot.modlog.in_background(bot.modlog.post_case(case, recorded=True))
     return case.id
 
 

@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass
 from re import Match
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -23,6 +23,7 @@ import discord
 from cogs import render
 from cogs.answers import answer_failure, before_answering, refuse, send_ephemeral
 from services.moderation.cases import (
+    ACTIONS,
     CASE_ID_PATTERN,
     Action,
     CaseKind,
@@ -84,8 +85,9 @@ class Refused:
 
 
 async def send_refusal(interaction: discord.Interaction[DreamshaperBot], refused: Refused) -> None:
+    """The refusal, with Appeal when there is something to appeal and a mod log to take it."""
     view = discord.utils.MISSING
-    if refused.appeal is not None:
+    if refused.appeal is not None and await interaction.client.modlog.channel_id(interaction.guild_id):
         view = discord.ui.View(timeout=None)
         view.add_item(AppealButton(refused.appeal))
     await send_ephemeral(interaction, refused.text, view=view)
@@ -111,9 +113,17 @@ class ModLog:
         """A line for the record (an admin's change, an automatic ban): nothing to act on."""
         await self._send(guild_id, content=render.truncate(text, render.MESSAGE_LIMIT))
 
-    async def post_case(self, case: ModCase, *, recorded: bool = False) -> None:
-        """Records the case (unless `recorded`) and posts its entry; without the store, the entry is
-        posted all the same, without buttons, so the moderators still hear of it."""
+    async def post_case(
+        self,
+        case: ModCase,
+        *,
+        recorded: bool = False,
+        kind: CaseKind | None = None,
+        fields: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Records the case (unless `recorded`) and posts an entry for it: looking like `kind` (the case's
+        own by default) and with its buttons, plus `fields`. Without the store the entry is posted all the
+        same, without buttons, so the moderators still hear of it."""
         buttons = True
         if not recorded:
             try:
@@ -121,8 +131,8 @@ class ModLog:
             except StoreUnavailable as error:
                 log.warning("case %s: not recorded (%s); posted without buttons", case.id, error)
                 buttons = False
-        view = case_view(case) if buttons else discord.utils.MISSING
-        await self._send(case.guild_id, embed=case_embed(case), view=view)
+        view = case_view(case, kind) if buttons else discord.utils.MISSING
+        await self._send(case.guild_id, embed=case_embed(case, kind, fields), view=view)
 
     async def channel_id(self, guild_id: int | None) -> int | None:
         default = self.bot.config.mod_log_channel_id
@@ -155,36 +165,47 @@ class ModLog:
             return False
 
 
-def case_embed(case: ModCase, note: str = "") -> discord.Embed:
-    embed = discord.Embed(title=TITLES[case.kind], colour=COLOURS[case.kind])
+def case_embed(
+    case: ModCase, kind: CaseKind | None = None, fields: Sequence[tuple[str, str]] = ()
+) -> discord.Embed:
+    kind = kind or case.kind
+    embed = discord.Embed(title=TITLES[kind], colour=COLOURS[kind])
     if case.member_id is not None:
         embed.add_field(name="Member", value=f"<@{case.member_id}>")
     if case.channel_id is not None:
         embed.add_field(name="Channel", value=f"<#{case.channel_id}>")
     if case.detail:
         embed.add_field(name=_DETAIL_NAMES.get(case.kind, "Detail"), value=render.truncate(case.detail, 1000))
+    for name, value in fields:
+        embed.add_field(name=name, value=render.truncate(value, 1000))
     if case.text:
         embed.description = f">>> {render.quote_user_text(case.text, 1500)}"
     embed.add_field(name="When", value=f"<t:{int(case.created_at)}:f>")
-    if case.decision is not None:
-        decided = f"{DONE[case.decision.action]} by <@{case.decision.by_id}> <t:{int(case.decision.at)}:R>"
-        embed.add_field(name="Decision", value=decided + (f": {note}" if note else ""), inline=False)
     embed.set_footer(text=f"case {case.id}")
     return embed
+
+
+def decided_embed(
+    entry: discord.Message | None, case: ModCase, decision: Decision, note: str
+) -> discord.Embed:
+    """The entry as it was posted (its fields kept), with who did what added."""
+    embed = entry.embeds[0].copy() if entry is not None and entry.embeds else case_embed(case)
+    done = f"{DONE[decision.action]} by <@{decision.by_id}> <t:{int(decision.at)}:R>" + (
+        f": {note}" if note else ""
+    )
+    return embed.add_field(name="Decision", value=render.truncate(done, 1000), inline=False)
 
 
 _DETAIL_NAMES = {
     CaseKind.BLOCKED: "Matched",
     CaseKind.CONTENT: "Request",
-    CaseKind.REPORT: "Reports so far",
-    CaseKind.HIDDEN: "Reports",
     CaseKind.APPEAL: "Appealing",
 }
 
 
-def case_view(case: ModCase) -> discord.ui.View:
+def case_view(case: ModCase, kind: CaseKind | None = None) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
-    for action in case.actions:
+    for action in ACTIONS[kind or case.kind]:
         view.add_item(CASE_BUTTONS[action](case.id))
     return view
 
@@ -240,13 +261,27 @@ class CaseButton(
             button.case = await interaction.client.moderation.case(button.case_id)
         return button
 
+    # Who may press: Manage Messages, like deleting a member's message.
+    needs = "Manage Messages"
+
+    def permitted(self, permissions: discord.Permissions) -> bool:
+        return permissions.manage_messages
+
     async def interaction_check(self, interaction: discord.Interaction[DreamshaperBot], /) -> bool:
         if self.answered:
             return False
-        if not interaction.permissions.manage_messages:
-            return await refuse(interaction, "Only moderators (Manage Messages) can act on the mod log.")
-        if self.case is None or self.case.guild_id not in (None, interaction.guild_id):
+        if not self.permitted(interaction.permissions):
+            return await refuse(interaction, f"Only moderators ({self.needs}) can {self.label.lower()} here.")
+        case = self.case
+        if case is None:
             return await refuse(interaction, "This entry is too old to act on; its case is no longer kept.")
+        # The case's own server, or the operator's mod log (MOD_LOG_CHANNEL_ID) that speaks for every
+        # server without one of its own.
+        if (
+            case.guild_id != interaction.guild_id
+            and interaction.channel_id != interaction.client.config.mod_log_channel_id
+        ):
+            return await refuse(interaction, "This entry belongs to another server's moderators.")
         return True
 
     @contextlib.asynccontextmanager
@@ -255,35 +290,48 @@ class CaseButton(
             yield
         except Exception as error:
             self.answered = True
-            await answer_failure(
-                interaction, render.unexpected_error_reply(error, f"the {self.label} button")
-            )
+            await _answer(interaction, render.unexpected_error_reply(error, f"the {self.label} button").text)
 
     async def callback(self, interaction: discord.Interaction[DreamshaperBot]) -> None:
-        async with self.answering(interaction):
-            case = self.case
-            if case is None:
-                return
-            moderation = interaction.client.moderation
-            mine = Decision(self.action, interaction.user.id, time.time())
+        case = self.case
+        if case is None:
+            return
+        bot = interaction.client
+        mine = Decision(self.action, interaction.user.id, time.time())
+        try:
             async with before_answering():
-                stood = await moderation.decide(case.id, mine)
-            if stood != mine:
-                already = "" if stood is None else f"{DONE[stood.action]} by <@{stood.by_id}>"
-                await send_ephemeral(interaction, f"Already handled: {already}.")
-                return
+                stood = await bot.moderation.decide(case.id, mine)
+        except StoreUnavailable:
+            # The decision may have landed all the same: it is taken back, so the case stays open.
+            bot.modlog.in_background(_take_back(bot, case.id, mine))
+            await _answer(interaction, f"❌ {render.store_unavailable_reply().text}")
+            return
+        if stood is None:
+            await _answer(interaction, "This entry's case is no longer kept; nothing was done.")
+            return
+        if stood != mine:
+            await _answer(interaction, f"Already handled: {DONE[stood.action]} by <@{stood.by_id}>.")
+            return
+        try:
             # Acting may take longer than the 3 s an answer allows (a restore fetches the images again).
             await interaction.response.defer()
-            try:
-                note = await self.act(interaction, case)
-            except ActionFailed as error:
-                await moderation.reopen(case.id, mine)
-                await interaction.followup.send(f"❌ {error}", ephemeral=True)
-                return
-            log.info("case %s: %s by %d", case.id, self.action.value, interaction.user.id)
-            await interaction.edit_original_response(
-                embed=case_embed(replace(case, decision=mine), note), view=None
-            )
+            note = await self.act(interaction, case)
+        except BaseException as error:
+            bot.modlog.in_background(_take_back(bot, case.id, mine))
+            if not isinstance(error, Exception):
+                raise
+            if isinstance(error, ActionFailed):
+                problem = str(error)
+            elif isinstance(error, StoreUnavailable):
+                problem = render.store_unavailable_reply().text
+            else:
+                problem = render.unexpected_error_reply(error, f"the {self.label} button").text
+            await _answer(interaction, f"❌ {problem} The entry stays open.")
+            return
+        log.info("case %s: %s by %d", case.id, self.action.value, interaction.user.id)
+        await interaction.edit_original_response(
+            embed=decided_embed(interaction.message, case, mine, note), view=None
+        )
 
     async def act(self, interaction: discord.Interaction[DreamshaperBot], case: ModCase) -> str:
         """Carries the decision out; what came of it, for the entry."""
@@ -294,9 +342,9 @@ class BanButton(CaseButton, action=Action.BAN, label="Ban 24 h", style=discord.B
     """Bans the member the entry is about for a day, unless a longer ban already holds."""
 
     async def act(self, interaction: discord.Interaction[DreamshaperBot], case: ModCase) -> str:
-        guild_id = interaction.guild_id
+        guild_id = case.guild_id
         if case.member_id is None or guild_id is None:
-            raise ActionFailed("This entry is about nobody who could be banned.")
+            raise ActionFailed("This entry is about nobody who could be banned here.")
         moderation = interaction.client.moderation
         current = await moderation.active_ban(guild_id, case.member_id)
         if current is not None and (current.until is None or current.until >= time.time() + BAN_HOURS * 3600):
@@ -321,37 +369,58 @@ class DeleteResultButton(
     """Deletes the reported result from its channel."""
 
     async def act(self, interaction: discord.Interaction[DreamshaperBot], case: ModCase) -> str:
-        if case.job_id is None:
+        if case.channel_id is None or case.message_id is None:
             raise ActionFailed("This entry names no result.")
-        if not await interaction.client.runner.delete_result(case.job_id):
-            return "it was gone already"
-        return ""
+        try:
+            deleted = await interaction.client.runner.delete_result(case.channel_id, case.message_id)
+        except discord.HTTPException as error:
+            raise ActionFailed(
+                f"Discord refused to delete it ({error.status}: {error.text or 'no reason'})."
+            ) from None
+        return "" if deleted else "it was gone already"
 
 
 class RestoreButton(CaseButton, action=Action.RESTORE, label="Restore", style=discord.ButtonStyle.success):
     """Shows a hidden result's images again, fetched anew from Segmind's outputs."""
 
     async def act(self, interaction: discord.Interaction[DreamshaperBot], case: ModCase) -> str:
-        if case.job_id is None:
+        if case.job_id is None or case.channel_id is None or case.message_id is None:
             raise ActionFailed("This entry names no result.")
-        problem = await interaction.client.runner.restore_result(case.job_id)
+        problem = await interaction.client.runner.restore_result(
+            case.job_id, case.channel_id, case.message_id
+        )
         if problem is not None:
             raise ActionFailed(f"The result could not be restored: {problem}. Delete it instead?")
         return ""
 
 
 class LiftBanButton(CaseButton, action=Action.LIFT, label="Lift ban", style=discord.ButtonStyle.success):
-    """Accepts an appeal: lifts the member's ban (and strikes) here, and tells them."""
+    """Accepts an appeal: the appealed ban (if it still holds) and the member's strikes go, and they are told.
+
+    Lifting a ban is an admin's call (Manage Server, as for /admin unban), and it lifts the ban appealed
+    only: a newer ban set since is left for /admin unban.
+    """
+
+    needs = "Manage Server"
+
+    def permitted(self, permissions: discord.Permissions) -> bool:
+        return permissions.manage_guild
 
     async def act(self, interaction: discord.Interaction[DreamshaperBot], case: ModCase) -> str:
-        if case.member_id is None or interaction.guild_id is None:
-            raise ActionFailed("This appeal names no member.")
-        await interaction.client.moderation.unban(interaction.guild_id, case.member_id)
-        where = interaction.guild.name if interaction.guild is not None else "the server"
+        if case.member_id is None or case.guild_id is None:
+            raise ActionFailed("This appeal names no member here.")
+        moderation = interaction.client.moderation
+        current = await moderation.active_ban(case.guild_id, case.member_id)
+        if case.ban_at is not None and current is not None and current.created_at != case.ban_at:
+            raise ActionFailed("The member was banned again since this appeal; see /admin bans.")
+        await moderation.unban(case.guild_id, case.member_id)
+        where = _server_name(interaction)
+        again = " you may use the bot there again." if current is not None else " thank you for explaining."
         told = await interaction.client.modlog.tell_member(
-            case.member_id, f"✅ Your appeal in **{where}** was accepted: you may use the bot there again."
+            case.member_id, f"✅ Your appeal in **{where}** was accepted:{again}"
         )
-        return "the member was told" if told else "the member's direct messages are closed"
+        lifted = "ban lifted" if current is not None else "no ban held"
+        return f"{lifted}; " + ("the member was told" if told else "the member's direct messages are closed")
 
 
 class UpholdButton(CaseButton, action=Action.UPHOLD, label="Uphold", style=discord.ButtonStyle.secondary):
@@ -360,7 +429,7 @@ class UpholdButton(CaseButton, action=Action.UPHOLD, label="Uphold", style=disco
     async def act(self, interaction: discord.Interaction[DreamshaperBot], case: ModCase) -> str:
         if case.member_id is None:
             raise ActionFailed("This appeal names no member.")
-        where = interaction.guild.name if interaction.guild is not None else "the server"
+        where = _server_name(interaction)
         told = await interaction.client.modlog.tell_member(
             case.member_id, f"⚖️ Your appeal in **{where}** was reviewed by a moderator: the decision stands."
         )
@@ -428,7 +497,9 @@ class AppealButton(
                 if ban is None:
                     return "You are not banned here any more."
                 about = f"the ban {render.ban_end(ban)}" + (f" ({ban.reason})" if ban.reason else "")
-                return AppealForm(f"appeal-{guild_id}-{member}-{int(ban.created_at)}", about, "")
+                return AppealForm(
+                    f"appeal-{guild_id}-{member}-{int(ban.created_at)}", about, "", ban_at=ban.created_at
+                )
             case = await moderation.case(self.ref)
         if case is None or case.member_id != member:
             return "This can no longer be appealed."
@@ -446,9 +517,9 @@ class AppealForm(discord.ui.Modal, title="Appeal to the moderators"):
         max_length=APPEAL_LENGTH,
     )
 
-    def __init__(self, case_id: str, about: str, prompt: str) -> None:
+    def __init__(self, case_id: str, about: str, prompt: str, *, ban_at: float | None = None) -> None:
         super().__init__(timeout=15 * 60)
-        self.case_id, self.about, self.prompt = case_id, about, prompt
+        self.case_id, self.about, self.prompt, self.ban_at = case_id, about, prompt, ban_at
 
     async def on_submit(self, interaction: discord.Interaction[DreamshaperBot], /) -> None:  # type: ignore[override]
         bot = interaction.client
@@ -463,6 +534,7 @@ class AppealForm(discord.ui.Modal, title="Appeal to the moderators"):
             channel_id=interaction.channel_id,
             text=text,
             detail=self.about,
+            ban_at=self.ban_at,
         )
         async with before_answering():
             added = await bot.moderation.open_case(case)
@@ -481,6 +553,30 @@ class AppealForm(discord.ui.Modal, title="Appeal to the moderators"):
             await send_ephemeral(interaction, render.store_unavailable_reply().text)
             return
         await answer_failure(interaction, render.unexpected_error_reply(error, "the appeal"))
+
+
+def _server_name(interaction: discord.Interaction) -> str:
+    return interaction.guild.name if interaction.guild is not None else "the server"
+
+
+async def _answer(interaction: discord.Interaction, text: str) -> None:
+    """An ephemeral answer to the moderator; the entry itself is never overwritten with it."""
+    try:
+        await send_ephemeral(interaction, text)
+    except discord.HTTPException as error:
+        log.warning("could not answer a mod-log button: %s", error)
+
+
+async def _take_back(bot: DreamshaperBot, case_id: str, decision: Decision) -> None:
+    """Reopens a case whose decision was not carried out; retried a few times while the store is down."""
+    for attempt in range(5):
+        try:
+            await bot.moderation.reopen(case_id, decision)
+            return
+        except StoreUnavailable as error:
+            log.warning("case %s: could not be reopened yet (%s)", case_id, error)
+            await asyncio.sleep(2.0**attempt)
+    log.error("case %s: left decided (%s) though its action failed", case_id, decision.action.value)
 
 
 # Every mod-log and appeal button Discord may send a press for.

@@ -53,6 +53,9 @@ class Config:
     quota_daily_images: int = 40
     quota_max_concurrent: int = 2
     quota_exempt_role_ids: frozenset[int] = frozenset()
+    # The most images a day a server's own settings (/admin quota, /admin role) may give a member: the
+    # operator's bill is theirs to cap. None: servers may set any limit, or none.
+    quota_server_max_daily_images: int | None = None
     discord_guild_ids: tuple[int, ...] = ()
     mod_log_channel_id: int | None = None
     # No server's rules apply in a direct message, so /imagine is off there unless an operator turns it on.
@@ -94,6 +97,7 @@ class Config:
                 "QUOTA_MAX_CONCURRENT", _int_at_least(1), cls.quota_max_concurrent
             ),
             "quota_exempt_role_ids": frozenset(reader.get("QUOTA_EXEMPT_ROLE_IDS", _snowflake_list, ())),
+            "quota_server_max_daily_images": reader.get("QUOTA_SERVER_MAX_DAILY_IMAGES", _int_at_least(1), None),
             "discord_guild_ids": reader.get("DISCORD_GUILD_IDS", _snowflake_list, ()),
             "mod_log_channel_id": reader.get("MOD_LOG_CHANNEL_ID", _snowflake, None),
             "allow_direct_messages": reader.get("ALLOW_DIRECT_MESSAGES", _boolean, False),

@@ -35,9 +35,12 @@ class QuotaGuard:
         limits: QuotaLimits,
         exempt_role_ids: frozenset[int],
         clock: Callable[[], float] = time.time,
+        *,
+        server_ceiling: int | None = None,
     ) -> None:
         self._store = store
         self._limits = limits
+        self._server_ceiling = server_ceiling
         self._exempt_role_ids = frozenset(exempt_role_ids)
         self._clock = clock
         # Same window as the real limits, so an exempt member's usage reads like everyone else's.
@@ -58,7 +61,8 @@ class QuotaGuard:
         member may not generate there (a tier of 0, or a daily limit of 0).
 
         The most generous rule wins: `QUOTA_EXEMPT_ROLE_IDS` lifts every limit, then the server's role
-        tiers (no limit, else the most images), then the server's daily limit, then the default."""
+        tiers (no limit, else the most images), then the server's daily limit, then the default. What a
+        server set is capped at QUOTA_SERVER_MAX_DAILY_IMAGES, when the operator set one."""
         roles = list(role_ids)
         if self.is_exempt(roles):
             return self._exempt_limits
@@ -68,6 +72,8 @@ class QuotaGuard:
         concurrent = settings.max_concurrent or self._limits.max_concurrent
         if daily == 0:
             return None
+        if self._server_ceiling is not None and (daily is None or daily > self._server_ceiling):
+            daily = self._server_ceiling
         return QuotaLimits(
             daily_images=UNLIMITED if daily is None else daily,
             max_concurrent=concurrent,

@@ -218,6 +218,7 @@ async def test_a_servers_quota_and_role_tiers_hold_per_member_per_server(make_st
     stack.discord.add_role(ARTISTS_ROLE, "artists")
     stack.discord.add_role(GUESTS_ROLE, "guests")
     assert "Give `daily`, `concurrent` or both" in reply_of(await admin(stack, "quota"))
+    assert "already has the bot's defaults" in reply_of(await admin(stack, "quota", reset=True))
     assert reply_of(await admin(stack, "quota", daily=1)) == "Done: set the daily images 20 → 1."
     tier = await admin(stack, "role", role=ARTISTS_ROLE, daily=3)
     assert reply_of(tier) == f"Done: set the daily images of <@&{ARTISTS_ROLE}> none → 3 a day."
@@ -258,6 +259,21 @@ async def test_a_servers_quota_and_role_tiers_hold_per_member_per_server(make_st
     assert "has no tier here" in reply_of(await admin(stack, "role", role=ARTISTS_ROLE))
     everyone = await admin(stack, "role", role=stack.discord.guild_id, daily=5)
     assert "set its limit with /admin quota" in reply_of(everyone)
+    assert reply_of(await admin(stack, "quota", reset=True)) == "Done: set the daily images 1 → 20."
+
+
+async def test_the_operators_ceiling_caps_what_a_server_sets(make_stack: StackFactory) -> None:
+    stack = await make_stack(QUOTA_SERVER_MAX_DAILY_IMAGES="2")
+    stack.discord.add_role(ARTISTS_ROLE, "artists")
+    raised = await admin(stack, "quota", daily=50)
+    assert reply_of(raised) == "Done: set the daily images 20 → 50 (the bot's operator caps it at 2 a day)."
+    unlimited = await admin(stack, "role", role=ARTISTS_ROLE, daily=-1)
+    assert "caps it at 2 a day" in reply_of(unlimited)
+    assert delivered(
+        await stack.imagine(prompt="a lighthouse", samples=2, user_id=ARTIST, roles=[ARTISTS_ROLE])
+    )
+    over = await stack.imagine(prompt="one more", user_id=ARTIST, roles=[ARTISTS_ROLE])
+    assert "have 0 left" in reply_of(over)
 
 
 async def test_usage_sums_the_period_with_a_chart_and_the_cost(make_stack: StackFactory) -> None:

@@ -8,7 +8,17 @@ from devtools.fakes.discord.models import DEFAULT_MEMBER_PERMISSIONS
 from devtools.fakes.discord.server import InteractionHandle, StoredMessage
 from devtools.stack import BotStack
 from tests.conftest import StackFactory
-from tests.test_admin_e2e import ADMIN, MEMBER, admin, case_entry, fields_of, reply_of
+from tests.test_admin_e2e import (
+    ADMIN,
+    ADMIN_PERMISSIONS,
+    MEMBER,
+    OTHER_CHANNEL,
+    OTHER_GUILD,
+    admin,
+    case_entry,
+    fields_of,
+    reply_of,
+)
 
 MODERATOR = 4_444_444_444_444_444_444
 SECOND_MODERATOR = 4_444_444_444_444_444_445
@@ -127,17 +137,30 @@ async def test_reports_hide_a_result_until_a_moderator_restores_it(make_stack: S
     hidden = await case_entry(stack, "Result hidden after reports")
     assert list(buttons(hidden)) == ["Restore", "Delete result", "Ban 24 h"]
 
+    # Restoring needs the images again: while Segmind's outputs fail, nothing changes and the entry stays open.
+    stack.segmind.inject("server_error", count=100, target="output", status=503)
+    failed = await press(stack, hidden, "Restore")
+    await stack.discord.wait_for(
+        lambda: any("could not be restored" in t for t in followups(stack, failed)), 30
+    )
+    assert "Decision" not in fields_of(hidden) and "Restore" in buttons(hidden) and not result.attachments
+    stack.segmind.clear_faults()
+
     await press(stack, hidden, "Restore")
     await stack.discord.wait_for(lambda: bool(result.attachments), 20)
     assert "hidden" not in (result.content or "") and "Report" in buttons(result)
     await stack.discord.wait_for(lambda: "Decision" in fields_of(hidden), 10)
     assert fields_of(hidden)["Decision"].startswith(f"👁️ Result restored by <@{MODERATOR}>")
 
-    # The reports already made stay counted: a fourth member's report does not hide it again.
-    await press(stack, result, "Report", user_id=ADMIN, permissions=DEFAULT_MEMBER_PERMISSIONS)
+    # A moderator looked: a fourth member's report is counted and posted, and does not hide it again.
+    fourth = await press(stack, result, "Report", user_id=ADMIN, permissions=DEFAULT_MEMBER_PERMISSIONS)
+    assert "moderators have been told" in reply_of(fourth)
+    assert fields_of(await case_entry(stack, "Result reported", nth=3))["Reports"] == "4"
     assert result.attachments
-    await press(stack, report, "Delete result")
-    await stack.discord.wait_for(lambda: result.deleted, 10)
+    # One decision per result, whichever of its entries holds the button.
+    late = await press(stack, report, "Delete result", user_id=SECOND_MODERATOR)
+    assert reply_of(late).startswith("Already handled: 👁️ Result restored")
+    assert not result.deleted
 
 
 async def test_a_blocked_member_appeals_and_the_moderators_answer(make_stack: StackFactory) -> None:
@@ -188,7 +211,35 @@ async def test_a_banned_member_appeals_the_ban_and_a_moderator_lifts_it(make_sta
 
     appeal = await case_entry(stack, "Appeal")
     assert "the ban until a moderator lifts it (spam)" in fields_of(appeal)["Appealing"]
-    await press(stack, appeal, "Lift ban")
+    lift_by_moderator = await press(stack, appeal, "Lift ban")
+    assert "Only moderators (Manage Server)" in reply_of(lift_by_moderator)
+    await press(stack, appeal, "Lift ban", user_id=ADMIN, permissions=ADMIN_PERMISSIONS)
     await stack.discord.wait_for(lambda: any("accepted" in dm for dm in direct_messages(stack, MEMBER)), 10)
     allowed = await stack.imagine(prompt="a lighthouse", user_id=MEMBER)
     assert allowed.original is not None and allowed.original.attachments
+
+
+async def test_the_operators_mod_log_acts_for_servers_without_their_own(make_stack: StackFactory) -> None:
+    # Commands synced globally, so that they work in a second server; MOD_LOG_CHANNEL_ID is the first's.
+    stack = await make_stack(DISCORD_GUILD_IDS="")
+    stack.discord.add_guild(OTHER_GUILD, OTHER_CHANNEL)
+    added = await stack.discord.send_slash_command(
+        "admin blocklist add",
+        {"terms": "kid"},
+        user_id=ADMIN,
+        permissions=ADMIN_PERMISSIONS,
+        channel_id=OTHER_CHANNEL,
+    )
+    await stack.settled(added, 10)
+    refused = await stack.discord.send_slash_command(
+        "imagine", {"prompt": "a kid"}, user_id=MEMBER, channel_id=OTHER_CHANNEL
+    )
+    await stack.settled(refused, 10)
+    entry = await case_entry(stack, "Prompt blocked by this server's rules")
+    assert fields_of(entry)["Channel"] == f"<#{OTHER_CHANNEL}>"
+
+    await press(stack, entry, "Ban 24 h")
+    await stack.discord.wait_for(lambda: "Decision" in fields_of(entry), 10)
+    # The ban is in the server the prompt came from, not the one the mod log is in.
+    assert await stack.bot.moderation.active_ban(OTHER_GUILD, MEMBER) is not None
+    assert await stack.bot.moderation.active_ban(stack.discord.guild_id, MEMBER) is None

@@ -161,3 +161,19 @@ async def test_limits_are_per_member_per_server(guard: QuotaGuard) -> None:
     assert isinstance(await guard.reserve(1, 4, guild_id=SERVER + 1), Reservation)
     assert (await guard.usage(1, SERVER)).used_images == 4
     assert (await guard.usage(1)).used_images == 0
+
+
+def test_what_a_server_sets_is_capped_by_the_operators_ceiling(store: Store, clock: FakeClock) -> None:
+    capped = QuotaGuard(store, LIMITS, frozenset({ADMIN_ROLE}), clock, server_ceiling=10)
+    settings = GuildSettings(SERVER, daily_images=50, role_tiers={ARTISTS: NO_LIMIT, GUESTS: 0})
+
+    def daily(*roles: int) -> int | None:
+        limits = capped.limits_for(roles, settings)
+        return None if limits is None else limits.daily_images
+
+    assert daily() == 10 and daily(ARTISTS) == 10
+    assert daily(GUESTS) is None  # a ceiling never lets anyone generate who may not
+    assert daily(ADMIN_ROLE) == UNLIMITED  # the operator's own exempt roles are not the servers' to lift
+    assert capped.limits_for([], GuildSettings(SERVER, daily_images=3)) == QuotaLimits(
+        3, LIMITS.max_concurrent
+    )

@@ -40,7 +40,7 @@ ACTIONS: dict[CaseKind, tuple[Action, ...]] = {
     CaseKind.CONTENT: (Action.BAN, Action.DISMISS),
     CaseKind.REPORT: (Action.BAN, Action.DISMISS, Action.DELETE),
     CaseKind.HIDDEN: (Action.RESTORE, Action.DELETE, Action.BAN),
-    CaseKind.APPEAL: (Action.LIFT, Action.UPHOLD),
+    CaseKind.APPEAL: (Action.LIFT, Action.UPHOLD),  # Lift ban accepts an appeal: ban and strikes go
     CaseKind.CREDITS: (Action.DISMISS,),
 }
 
@@ -63,7 +63,7 @@ class Decision:
         try:
             data = json.loads(text)
             return cls(Action(data["action"]), int(data["by_id"]), float(data["at"]))
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             log.warning("a case's stored decision is unreadable: %s", error)
             return None
 
@@ -84,8 +84,10 @@ class ModCase:
     member_id: int | None = None  # whom it is about
     channel_id: int | None = None
     job_id: str | None = None
-    text: str = ""  # the prompt, or the member's own words (a report, an appeal)
+    message_id: int | None = None  # the result reported, in `channel_id`
+    text: str = ""  # the prompt, or the member's own words (an appeal)
     detail: str = ""  # what matched, the request id, the ban appealed
+    ban_at: float | None = None  # the appealed ban's `created_at`: Lift ban lifts that ban only
     decision: Decision | None = None
 
     @property
@@ -111,13 +113,27 @@ class ModCase:
                 member_id=None if data.get("member_id") is None else int(data["member_id"]),
                 channel_id=None if data.get("channel_id") is None else int(data["channel_id"]),
                 job_id=None if data.get("job_id") is None else str(data["job_id"]),
+                message_id=None if data.get("message_id") is None else int(data["message_id"]),
                 text=str(data.get("text", "")),
                 detail=str(data.get("detail", "")),
+                ban_at=None if data.get("ban_at") is None else float(data["ban_at"]),
             )
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             log.warning("a stored mod-log case is unreadable and is ignored: %s", error)
             return None
         return case if decision is None else replace(case, decision=Decision.read(decision))
 
 
-_STORED = ("id", "kind", "guild_id", "created_at", "member_id", "channel_id", "job_id", "text", "detail")
+_STORED = (
+    "id",
+    "kind",
+    "guild_id",
+    "created_at",
+    "member_id",
+    "channel_id",
+    "job_id",
+    "message_id",
+    "text",
+    "detail",
+    "ban_at",
+)

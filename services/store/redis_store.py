@@ -691,7 +691,7 @@ class RedisStore:
         key = self._case_key(case_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(key, "data", data)
-            pipe.expireat(key, math.ceil(expires_at), nx=True)
+            pipe.expireat(key, math.ceil(expires_at))
             added, _expiry = await pipe.execute()
         return bool(added)
 

@@ -596,16 +596,23 @@ class SQLiteStore:
 
     async def get_case(self, case_id: str) -> tuple[str, str | None] | None:
         row = await self._call(
-            lambda db: db.execute("SELECT data, decision FROM mod_cases WHERE id = ?", (case_id,)).fetchone()
+            # Kept until they expire, like Redis's keys; the rows themselves go at the next start.
+            lambda db: db.execute(
+                "SELECT data, decision FROM mod_cases WHERE id = ? AND expires_at > ?", (case_id, time.time())
+            ).fetchone()
         )
         return None if row is None else (str(row[0]), None if row[1] is None else str(row[1]))
 
     async def decide_case(self, case_id: str, decision: str) -> str | None:
         def decide(db: sqlite3.Connection) -> str | None:
+            now = time.time()
             db.execute(
-                "UPDATE mod_cases SET decision = ? WHERE id = ? AND decision IS NULL", (decision, case_id)
+                "UPDATE mod_cases SET decision = ? WHERE id = ? AND decision IS NULL AND expires_at > ?",
+                (decision, case_id, now),
             )
-            row = db.execute("SELECT decision FROM mod_cases WHERE id = ?", (case_id,)).fetchone()
+            row = db.execute(
+                "SELECT decision FROM mod_cases WHERE id = ? AND expires_at > ?", (case_id, now)
+            ).fetchone()
             return None if row is None else str(row[0])
 
         return await self._write(decide)
