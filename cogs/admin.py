@@ -14,8 +14,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs import render
+from services.moderation.automod import AutoModRule
 from services.moderation.chart import MAX_DAYS, images_per_day_chart
-from services.moderation.policy import Moderation
+from services.moderation.policy import AutoModUnavailable, Moderation
 from services.moderation.settings import MAX_ROLE_TIERS, NO_LIMIT, GuildSettings, Scope
 from services.moderation.terms import Term, TermError, parse_terms
 from services.moderation.usage import summarise
@@ -168,6 +169,39 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
             f"set the daily images of {role.mention} {_tier(old)} → {_tier(daily)}",
             note=f" (the bot's operator caps it at {ceiling} a day)" if capped else "",
         )
+
+    @app_commands.command(
+        name="automod", description="Also apply this server's AutoMod keyword rules to prompts"
+    )
+    @app_commands.describe(
+        enabled="On: prompts are checked against the AutoMod keyword rules that block messages"
+    )
+    async def automod(self, interaction: discord.Interaction[DreamshaperBot], enabled: bool) -> None:
+        guild_id = _guild_id(interaction)
+        note = ""
+        if enabled:
+            # Read now, so an admin hears at once when the bot cannot (it needs Manage Server).
+            try:
+                rules = await self.moderation.load_automod_rules(guild_id)
+            except AutoModUnavailable as error:
+                raise render.Refusal(f"AutoMod rules can't be applied: {error}.") from None
+            note = f" ({rules} rule(s) that block messages apply to prompts; members with Manage Server are exempt)"
+        before, _ = await self.moderation.change(guild_id, lambda s: replace(s, automod=enabled))
+        await self._log_and_reply(
+            interaction, f"set the AutoMod rules {_on(before.automod)} → {_on(enabled)}", note=note
+        )
+
+    @commands.Cog.listener()
+    async def on_automod_rule_create(self, rule: discord.AutoModRule) -> None:
+        self.moderation.put_automod_rule(rule.guild.id, rule.id, AutoModRule.from_payload(rule.to_dict()))
+
+    @commands.Cog.listener()
+    async def on_automod_rule_update(self, rule: discord.AutoModRule) -> None:
+        self.moderation.put_automod_rule(rule.guild.id, rule.id, AutoModRule.from_payload(rule.to_dict()))
+
+    @commands.Cog.listener()
+    async def on_automod_rule_delete(self, rule: discord.AutoModRule) -> None:
+        self.moderation.put_automod_rule(rule.guild.id, rule.id, None)
 
     @app_commands.command(
         name="strikes", description="Ban members automatically after repeated blocked prompts"
@@ -367,6 +401,10 @@ def _strikes(settings: GuildSettings) -> str:
 
 def _or(value: int | None, default: int) -> int:
     return default if value is None else value
+
+
+def _on(value: bool) -> str:
+    return "on" if value else "off"
 
 
 def _tier(daily: int | None) -> str:

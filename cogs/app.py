@@ -13,7 +13,8 @@ import json
 import logging
 import secrets
 import time
-from typing import cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 import aiohttp
 import discord
@@ -31,7 +32,7 @@ from cogs.intake import ban_refusal
 from cogs.modlog import MODLOG_BUTTONS, ModLog, send_refusal
 from services.config import Config, discord_api_root
 from services.jobs import JobService
-from services.moderation.policy import Moderation
+from services.moderation.policy import AutoModUnavailable, Moderation
 from services.quota import QuotaGuard
 from services.segmind import PLAN_WINDOW_SECONDS, RequestBudget, SegmindClient
 from services.store import Store, StoreUnavailable
@@ -253,9 +254,11 @@ class DreamshaperBot(commands.AutoShardedBot):
         discord.VoiceClient.warn_nacl = False
         discord.VoiceClient.warn_dave = False
         # Slash commands and buttons arrive as interactions, which need no privileged intents; the guilds
-        # intent keeps channels cached for results posted outside the interaction.
+        # intent keeps channels cached for results posted outside the interaction (and a thread's parent,
+        # whose age restriction the thread has), and AutoMod rule events keep `/admin automod` fresh.
         intents = discord.Intents.none()
         intents.guilds = True
+        intents.auto_moderation_configuration = True
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents,
@@ -302,7 +305,7 @@ class DreamshaperBot(commands.AutoShardedBot):
             rate_limit_max_wait=config.rate_limit_max_wait_seconds,
             lease_seconds=config.job_lease_seconds,
         )
-        self.moderation = Moderation(store)
+        self.moderation = Moderation(store, fetch_automod_rules=self._fetch_automod_rules)
         self.runner = JobRunner(self)
         self.modlog = ModLog(self)
         self.watchdog = LoopWatchdog(config.loop_stall_warning_ms)
@@ -312,6 +315,22 @@ class DreamshaperBot(commands.AutoShardedBot):
         self.watchdog.on_tick = self.segmind.in_flight.adapt
         self.accepting_jobs = True
         self._shutdown: asyncio.Task[None] | None = None
+
+    async def _fetch_automod_rules(self, guild_id: int) -> list[Mapping[str, Any]]:
+        """A server's AutoMod rules as Discord has them (the bot needs Manage Server to read them)."""
+        guild = self.get_guild(guild_id)
+        if guild is None:
+            raise AutoModUnavailable("the server is not available to the bot right now")
+        try:
+            return [rule.to_dict() for rule in await guild.fetch_automod_rules()]
+        except discord.Forbidden:
+            raise AutoModUnavailable(
+                "the bot needs the Manage Server permission to read AutoMod rules"
+            ) from None
+        except discord.HTTPException as error:
+            raise AutoModUnavailable(f"Discord answered {error.status}") from None
+        except aiohttp.ClientError as error:
+            raise AutoModUnavailable(f"Discord could not be reached ({type(error).__name__})") from None
 
     @property
     def tree(self) -> DreamshaperTree:

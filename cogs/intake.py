@@ -153,6 +153,7 @@ async def _blocked(
         age_restricted=_age_restricted(channel),
         role_ids=member_role_ids(interaction.user),
         channel_ids=[interaction.channel_id or 0, *([parent_id] if parent_id else [])],
+        automod_exempt=interaction.permissions.manage_guild or interaction.permissions.administrator,
     )
     if block is None:
         return None

@@ -97,7 +97,9 @@ class Config:
                 "QUOTA_MAX_CONCURRENT", _int_at_least(1), cls.quota_max_concurrent
             ),
             "quota_exempt_role_ids": frozenset(reader.get("QUOTA_EXEMPT_ROLE_IDS", _snowflake_list, ())),
-            "quota_server_max_daily_images": reader.get("QUOTA_SERVER_MAX_DAILY_IMAGES", _int_at_least(1), None),
+            "quota_server_max_daily_images": reader.get(
+                "QUOTA_SERVER_MAX_DAILY_IMAGES", _int_at_least(1), None
+            ),
             "discord_guild_ids": reader.get("DISCORD_GUILD_IDS", _snowflake_list, ()),
             "mod_log_channel_id": reader.get("MOD_LOG_CHANNEL_ID", _snowflake, None),
             "allow_direct_messages": reader.get("ALLOW_DIRECT_MESSAGES", _boolean, False),

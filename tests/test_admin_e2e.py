@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from devtools.fakes.discord.models import DEFAULT_MEMBER_PERMISSIONS
+from devtools.fakes.discord.models import BOT_ROLE_PERMISSIONS, DEFAULT_MEMBER_PERMISSIONS
 from devtools.fakes.discord.server import InteractionHandle, StoredMessage
 from devtools.stack import BotStack
 from tests.conftest import BLOCKED_WORD, StackFactory
@@ -316,3 +316,102 @@ async def test_usage_sums_the_period_with_a_chart_and_the_cost(make_stack: Stack
 def fields_of_embed(handle: InteractionHandle) -> dict[str, str]:
     assert handle.original is not None and handle.original.embeds
     return {f["name"]: f["value"] for f in handle.original.embeds[0].get("fields", [])}
+
+
+NSFW_CHANNEL = 1_300_000_000_000_000_201
+NSFW_THREAD = 1_300_000_000_000_000_202
+PLAIN_THREAD = 1_300_000_000_000_000_203
+
+
+async def imagine_in(stack: BotStack, channel_id: int, prompt: str, **who: object) -> InteractionHandle:
+    handle = await stack.discord.send_slash_command(
+        "imagine",
+        {"prompt": prompt},
+        channel_id=channel_id,
+        **who,  # type: ignore[arg-type]
+    )
+    await stack.settled(handle, 20)
+    return handle
+
+
+async def test_outside_nsfw_terms_are_allowed_in_age_restricted_channels_and_their_threads(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack()
+    stack.discord.add_channel(NSFW_CHANNEL, name="after-dark", nsfw=True)
+    stack.discord.add_thread(NSFW_THREAD, NSFW_CHANNEL)
+    stack.discord.add_thread(PLAIN_THREAD, stack.discord.channel_id)
+    await admin(stack, "blocklist add", terms="gore*", scope="outside-nsfw")
+    assert delivered(await imagine_in(stack, NSFW_CHANNEL, "a gorefest battle", user_id=MEMBER))
+    assert delivered(await imagine_in(stack, NSFW_THREAD, "a gorefest battle", user_id=MEMBER))
+    assert "rules don't allow" in reply_of(
+        await imagine_in(stack, PLAIN_THREAD, "a gorefest battle", user_id=MEMBER)
+    )
+    assert "rules don't allow" in reply_of(await stack.imagine(prompt="a gorefest battle", user_id=MEMBER))
+
+
+async def test_the_servers_automod_rules_apply_to_prompts_and_stay_fresh(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    refused = await admin(stack, "automod", enabled=True)
+    assert "needs the Manage Server permission" in reply_of(refused)
+    settings = await admin(stack, "settings")
+    assert settings.callback is not None
+    assert {f["name"]: f["value"] for f in settings.callback.data["embeds"][0]["fields"]}[
+        "AutoMod rules applied"
+    ] == "no"
+
+    stack.discord.set_bot_permissions(BOT_ROLE_PERMISSIONS | MANAGE_GUILD)
+    cats = stack.discord.put_automod_rule(
+        {
+            "name": "No cats",
+            "trigger_metadata": {
+                "keyword_filter": ["*cat*"],
+                "regex_patterns": [],
+                "allow_list": ["black cat*"],
+            },
+        }
+    )
+    stack.discord.put_automod_rule(
+        {
+            "name": "Tell us about dogs",
+            "trigger_metadata": {"keyword_filter": ["dog"], "regex_patterns": [], "allow_list": []},
+            "actions": [{"type": 2, "metadata": {"channel_id": str(stack.discord.channel_id)}}],
+        }
+    )
+    on = await admin(stack, "automod", enabled=True)
+    assert reply_of(on) == (
+        "Done: set the AutoMod rules off → on (1 rule(s) that block messages apply to prompts;"
+        " members with Manage Server are exempt)."
+    )
+    blocked = await stack.imagine(prompt="a cute caterpillar", user_id=MEMBER)
+    assert "rules don't allow" in reply_of(blocked)
+    entry = await case_entry(stack, "Prompt blocked by this server's rules")
+    assert "AutoMod rule “No cats”" in fields_of(entry)["Matched"]
+    assert delivered(await stack.imagine(prompt="a black cat on a wall", user_id=MEMBER))  # its allow list
+    assert delivered(await stack.imagine(prompt="a dog", user_id=MEMBER))  # an alert-only rule
+    exempt = await stack.discord.send_slash_command(
+        "imagine", {"prompt": "a cat"}, user_id=ADMIN, permissions=ADMIN_PERMISSIONS
+    )
+    await stack.settled(exempt, 20)
+    assert delivered(exempt)  # Discord's AutoMod does not apply to Manage Server either
+
+    # Kept fresh from the gateway: a rule changed in Discord applies without another read.
+    stack.discord.put_automod_rule(
+        {**cats, "trigger_metadata": {"keyword_filter": ["owl"], "regex_patterns": [], "allow_list": []}}
+    )
+    for _ in range(50):
+        answer = await stack.imagine(prompt="a cat and an owl", user_id=ARTIST)
+        if "rules don't allow" in str((answer.callback.data if answer.callback else {}).get("content")):
+            break
+        await asyncio.sleep(0.1)
+    assert "rules don't allow" in reply_of(answer)
+    assert delivered(await stack.imagine(prompt="a cat", user_id=MEMBER))
+    stack.discord.delete_automod_rule(int(cats["id"]))
+    for _ in range(50):
+        answer = await stack.imagine(prompt="an owl", user_id=GUEST)
+        if delivered(answer):
+            break
+        await asyncio.sleep(0.1)
+    assert delivered(answer)
+    reads = [r for r in stack.discord.requests if r.route == "automod_rules"]
+    assert len(reads) == 2  # the refused attempt and the one that turned it on; events did the rest

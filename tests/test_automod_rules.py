@@ -75,6 +75,9 @@ def test_exempt_roles_and_channels_are_not_filtered() -> None:
         {"trigger_type": 4},  # Discord's own word lists, which no client can read
         {"event_type": 2},  # member profile updates
         {"trigger_metadata": {"keyword_filter": [], "regex_patterns": []}},
+        # Alert or time out only: Discord lets such a message through, so a prompt goes through too.
+        {"actions": [{"type": 2, "metadata": {"channel_id": "1"}}, {"type": 3, "metadata": {}}]},
+        {"actions": []},
     ],
 )
 def test_rules_that_do_not_filter_messages_by_keyword_are_left_out(changes: dict[str, Any]) -> None:

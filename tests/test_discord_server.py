@@ -18,15 +18,23 @@ from discord.http import Route
 from PIL import Image
 
 from cogs.app import point_discord_py_at
+from devtools.fakes.discord.models import ALL_PERMISSIONS
 from devtools.fakes.discord.server import (
+    BOT_ROLE_PERMISSIONS,
     DEFAULT_CHANNEL_ID,
     DEFAULT_GUILD_ID,
+    DEFAULT_MEMBER_PERMISSIONS,
     DEFAULT_USER_ID,
     DiscordStandIn,
     NoGatewayClientError,
 )
 
 TOKEN = "stand-in-token"
+NSFW_CHANNEL_ID = 1_300_000_000_000_000_200
+THREAD_ID = 1_300_000_000_000_000_300
+OTHER_GUILD_ID = 1_400_000_000_000_000_000
+MANAGE_GUILD = 1 << 5
+AUTOMOD_CONFIGURATION = 1 << 20
 
 
 def _png(width: int = 12, height: int = 8) -> bytes:
@@ -47,6 +55,9 @@ class BotState:
         self.modal_answers: list[str] = []
         self.release = asyncio.Event()
         self.last_original: discord.InteractionMessage | None = None
+        self.channels: list[Any] = []
+        self.app_permissions: list[discord.Permissions] = []
+        self.automod: list[tuple[str, discord.AutoModRule]] = []
 
 
 class PingView(discord.ui.View):
@@ -125,16 +136,24 @@ def install_commands(tree: app_commands.CommandTree[Any], state: BotState) -> No
     async def describe(interaction: discord.Interaction) -> None:
         await interaction.response.send_modal(PromptModal(state))
 
+    @tree.command(name="where", description="Says whether this channel is age-restricted")
+    async def where(interaction: discord.Interaction, channel: discord.TextChannel | None = None) -> None:
+        here = interaction.channel
+        state.channels.append(here)
+        state.app_permissions.append(interaction.app_permissions)
+        nsfw = isinstance(here, discord.TextChannel | discord.Thread) and here.is_nsfw()
+        await interaction.response.send_message(f"nsfw={nsfw}")
+
 
 class StandInBehaviour:
     """Shared by the plain and the sharded test bot: commands, guild sync, no identify delay."""
 
     tree: app_commands.CommandTree[Any]
 
-    def __init__(self, guild_id: int, **options: Any) -> None:
+    def __init__(self, guild_id: int, *, intents: discord.Intents | None = None, **options: Any) -> None:
         super().__init__(  # type: ignore[call-arg]
             command_prefix=commands.when_mentioned,
-            intents=discord.Intents(guilds=True),
+            intents=intents or discord.Intents(guilds=True),
             guild_ready_timeout=0.05,
             **options,
         )
@@ -150,6 +169,15 @@ class StandInBehaviour:
     async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
         # discord.py waits 5 s between IDENTIFYs to respect Discord's limit; the stand-in has none.
         return None
+
+    async def on_automod_rule_create(self, rule: discord.AutoModRule) -> None:
+        self.state.automod.append(("create", rule))
+
+    async def on_automod_rule_update(self, rule: discord.AutoModRule) -> None:
+        self.state.automod.append(("update", rule))
+
+    async def on_automod_rule_delete(self, rule: discord.AutoModRule) -> None:
+        self.state.automod.append(("delete", rule))
 
 
 class StandInBot(StandInBehaviour, commands.Bot):
@@ -198,7 +226,7 @@ async def bot(standin: DiscordStandIn) -> AsyncIterator[StandInBot]:
 
 async def test_bot_connects_and_syncs_guild_commands(standin: DiscordStandIn, bot: StandInBot) -> None:
     names = {c["name"] for c in standin.synced_commands[DEFAULT_GUILD_ID]}
-    assert names == {"ping", "say", "upload", "slow", "hold", "describe"}
+    assert names == {"ping", "say", "upload", "slow", "hold", "describe", "where"}
     assert all(
         int(c["id"]) > 0 and c["guild_id"] == str(DEFAULT_GUILD_ID)
         for c in standin.synced_commands[DEFAULT_GUILD_ID]
@@ -538,3 +566,322 @@ async def test_channel_message_limits(
     for part in error_path:
         node = node[part]
     assert node["_errors"]
+
+
+async def _identify_raw(ws: aiohttp.ClientWebSocketResponse, intents: int) -> list[dict[str, Any]]:
+    """IDENTIFYs an uncompressed raw session and returns the dispatches up to its last GUILD_CREATE."""
+    assert (await ws.receive_json())["op"] == 10
+    await ws.send_json({"op": 2, "d": {"token": TOKEN, "intents": intents, "properties": {}}})
+    return await _events_until(ws, "GUILD_CREATE" if intents & 1 else "READY")
+
+
+async def _events_until(ws: aiohttp.ClientWebSocketResponse, name: str) -> list[dict[str, Any]]:
+    """Dispatches received up to and including the first `name` event."""
+    events: list[dict[str, Any]] = []
+    while True:
+        frame = await asyncio.wait_for(ws.receive_json(), 5)
+        if frame["op"] == 0:
+            events.append(frame)
+            if frame["t"] == name:
+                return events
+
+
+async def test_guild_create_and_channel_events_carry_nsfw_and_thread_parent(standin: DiscordStandIn) -> None:
+    standin.add_channel(NSFW_CHANNEL_ID, name="after-dark", nsfw=True)
+    standin.add_thread(THREAD_ID, NSFW_CHANNEL_ID, name="spicy")
+    other_channel, other_thread = NSFW_CHANNEL_ID + 1, THREAD_ID + 1
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{standin.gateway_url}?v=10&encoding=json") as ws:
+            guild = (await _identify_raw(ws, 1))[-1]["d"]
+            channels = {c["id"]: c for c in guild["channels"]}
+            assert set(channels) == {str(DEFAULT_CHANNEL_ID), str(NSFW_CHANNEL_ID)}  # threads are apart
+            assert (channels[str(NSFW_CHANNEL_ID)]["nsfw"], channels[str(DEFAULT_CHANNEL_ID)]["nsfw"]) == (
+                True,
+                False,
+            )
+            [thread] = guild["threads"]
+            assert (thread["id"], thread["type"], thread["parent_id"]) == (
+                str(THREAD_ID),
+                11,
+                str(NSFW_CHANNEL_ID),
+            )
+            assert thread["owner_id"] == str(DEFAULT_USER_ID) and "nsfw" not in thread
+            assert thread["thread_metadata"]["archived"] is False and thread["message_count"] == 0
+
+            standin.add_channel(other_channel, name="sfw")
+            [created] = await _events_until(ws, "CHANNEL_CREATE")
+            assert created["d"]["guild_id"] == str(DEFAULT_GUILD_ID) and created["d"]["nsfw"] is False
+            standin.add_thread(other_thread, other_channel)
+            [thread_created] = await _events_until(ws, "THREAD_CREATE")
+            assert thread_created["d"]["parent_id"] == str(other_channel)
+            assert thread_created["d"]["newly_created"] is True
+            standin.set_channel_nsfw(other_channel, True)
+            [updated] = await _events_until(ws, "CHANNEL_UPDATE")
+            assert (updated["d"]["id"], updated["d"]["nsfw"]) == (str(other_channel), True)
+        with pytest.raises(LookupError):
+            standin.add_thread(THREAD_ID + 2, THREAD_ID)  # a thread cannot hold a thread
+        with pytest.raises(LookupError):
+            standin.set_channel_nsfw(THREAD_ID, True)  # threads follow their parent
+        auth = {"Authorization": f"Bot {TOKEN}"}
+        async with http.get(f"{standin.api_base}/api/v10/channels/{THREAD_ID}", headers=auth) as response:
+            assert (await response.json())["parent_id"] == str(NSFW_CHANNEL_ID)
+        async with http.get(
+            f"{standin.api_base}/api/v10/channels/{NSFW_CHANNEL_ID}", headers=auth
+        ) as response:
+            assert (await response.json())["nsfw"] is True
+        url = f"{standin.api_base}/api/v10/guilds/{DEFAULT_GUILD_ID}/channels"
+        async with http.get(url, headers=auth) as response:
+            listed = {c["id"]: c["nsfw"] for c in await response.json()}
+        assert listed == {
+            str(DEFAULT_CHANNEL_ID): False,
+            str(NSFW_CHANNEL_ID): True,
+            str(other_channel): True,
+        }
+
+
+async def test_commands_in_an_age_restricted_channel_and_its_thread(
+    standin: DiscordStandIn, bot: StandInBot
+) -> None:
+    standin.add_channel(NSFW_CHANNEL_ID, name="after-dark", nsfw=True)
+    standin.add_thread(THREAD_ID, NSFW_CHANNEL_ID, name="spicy")
+    guild = bot.get_guild(DEFAULT_GUILD_ID)
+    assert guild is not None
+    await standin.wait_for(lambda: guild.get_thread(THREAD_ID) is not None)
+
+    in_channel = await standin.send_slash_command("where", channel_id=NSFW_CHANNEL_ID)
+    assert (await in_channel.wait_for_original()).content == "nsfw=True"
+    in_thread = await standin.send_slash_command("where", channel_id=THREAD_ID)
+    reply = await in_thread.wait_for_original()
+    assert (reply.content, reply.channel_id) == ("nsfw=True", THREAD_ID)
+    assert in_channel.payload["channel"]["nsfw"] is True
+    assert in_thread.payload["channel"]["parent_id"] == str(NSFW_CHANNEL_ID)
+    channel, thread = bot.state.channels
+    assert isinstance(channel, discord.TextChannel) and channel.id == NSFW_CHANNEL_ID and channel.is_nsfw()
+    assert isinstance(thread, discord.Thread) and thread.parent_id == NSFW_CHANNEL_ID and thread.is_nsfw()
+
+    pinged = await standin.send_slash_command("ping", channel_id=THREAD_ID)
+    press = await standin.press_button(await pinged.wait_for_original(), "ping:again")
+    [followup] = await press.wait_for_followups()
+    assert press.payload["channel"]["id"] == str(THREAD_ID) and followup.channel_id == THREAD_ID
+    sent = await thread.send("hello")
+    await sent.edit(content="edited")
+    stored = standin.messages[sent.id]
+    assert (stored.channel_id, stored.content, len(stored.edits)) == (THREAD_ID, "edited", 1)
+
+    standin.set_channel_nsfw(NSFW_CHANNEL_ID, False)
+    await standin.wait_for(lambda: not channel.is_nsfw())
+    assert not thread.is_nsfw()  # asks the parent, which CHANNEL_UPDATE changed
+    again = await standin.send_slash_command("where", channel_id=THREAD_ID)
+    assert (await again.wait_for_original()).content == "nsfw=False"
+
+
+async def test_bot_permissions_reach_its_role_and_interactions(
+    standin: DiscordStandIn, bot: StandInBot
+) -> None:
+    standin.add_guild(OTHER_GUILD_ID, OTHER_GUILD_ID + 100)
+    await standin.wait_for(lambda: bot.get_guild(OTHER_GUILD_ID) is not None)
+    guild, other = bot.get_guild(DEFAULT_GUILD_ID), bot.get_guild(OTHER_GUILD_ID)
+    assert guild is not None and other is not None
+    assert guild.me.guild_permissions.value == BOT_ROLE_PERMISSIONS
+    member_permissions = DEFAULT_MEMBER_PERMISSIONS | (1 << 13)
+    handle = await standin.send_slash_command(
+        "where", {"channel": DEFAULT_CHANNEL_ID}, permissions=member_permissions
+    )
+    await handle.wait_for_original()
+    assert handle.payload["app_permissions"] == str(BOT_ROLE_PERMISSIONS)
+    # Resolved channels carry the invoking member's permissions, not the bot's.
+    resolved = handle.payload["data"]["resolved"]["channels"][str(DEFAULT_CHANNEL_ID)]
+    assert resolved["permissions"] == str(member_permissions)
+
+    standin.set_bot_permissions(BOT_ROLE_PERMISSIONS | MANAGE_GUILD)
+    await standin.wait_for(lambda: guild.me.guild_permissions.manage_guild)
+    assert not other.me.guild_permissions.manage_guild
+    assert standin.bot_permissions(OTHER_GUILD_ID) == BOT_ROLE_PERMISSIONS
+    handle = await standin.send_slash_command("where")
+    await handle.wait_for_original()
+    assert int(handle.payload["app_permissions"]) == BOT_ROLE_PERMISSIONS | MANAGE_GUILD
+    assert bot.state.app_permissions[-1].manage_guild
+
+    standin.set_bot_permissions(0)  # the role grants nothing; @everyone's permissions remain
+    await standin.wait_for(lambda: guild.me.guild_permissions.value == DEFAULT_MEMBER_PERMISSIONS)
+    handle = await standin.send_slash_command("where")
+    await handle.wait_for_original()
+    assert handle.payload["app_permissions"] == str(DEFAULT_MEMBER_PERMISSIONS)
+
+    standin.set_bot_permissions(1 << 3)  # Administrator
+    await standin.wait_for(lambda: guild.me.guild_permissions.administrator)
+    handle = await standin.send_slash_command("where")
+    await handle.wait_for_original()
+    assert handle.payload["app_permissions"] == str(ALL_PERMISSIONS)
+    assert bot.state.app_permissions[-1].manage_guild
+    [session] = standin.gateway_sessions
+    assert session.dispatched.count("GUILD_ROLE_UPDATE") == 3
+
+
+async def test_automod_routes_need_manage_server(standin: DiscordStandIn, bot: StandInBot) -> None:
+    rule = standin.put_automod_rule(
+        {"name": "No cats", "trigger_metadata": {"keyword_filter": ["cat*"]}, "exempt_roles": [123]}
+    )
+    rules_url = f"/api/v10/guilds/{DEFAULT_GUILD_ID}/auto-moderation/rules"
+    guild = bot.get_guild(DEFAULT_GUILD_ID)
+    assert guild is not None
+    auth = {"Authorization": f"Bot {TOKEN}"}
+    async with aiohttp.ClientSession(base_url=standin.api_base, headers=auth) as http:
+        for url in (rules_url, f"{rules_url}/{rule['id']}"):
+            async with http.get(url) as response:
+                assert response.status == 403
+                assert await response.json() == {"message": "Missing Permissions", "code": 50013}
+        with pytest.raises(discord.Forbidden):
+            await guild.fetch_automod_rules()
+
+        standin.set_bot_permissions(BOT_ROLE_PERMISSIONS | MANAGE_GUILD)
+        async with http.get(rules_url) as response:
+            assert (response.status, await response.json()) == (200, [rule])
+        async with http.get(f"{rules_url}/{rule['id']}") as response:
+            assert (response.status, await response.json()) == (200, rule)
+        async with http.get(f"{rules_url}/{int(rule['id']) + 1}") as response:
+            assert response.status == 404
+            assert await response.json() == {"message": "Unknown auto moderation rule", "code": 10066}
+        other_rules = f"/api/v10/guilds/{OTHER_GUILD_ID}/auto-moderation/rules"
+        for url in (other_rules, f"{other_rules}/{rule['id']}"):
+            async with http.get(url) as response:
+                assert response.status == 404 and (await response.json())["code"] == 10004
+
+    [fetched] = await guild.fetch_automod_rules()
+    assert (fetched.id, fetched.name, fetched.creator_id) == (int(rule["id"]), "No cats", guild.owner_id)
+    assert fetched.trigger.type is discord.AutoModRuleTriggerType.keyword
+    assert fetched.trigger.keyword_filter == ["cat*"] and fetched.exempt_role_ids == {123}
+    assert [a.type for a in fetched.actions] == [discord.AutoModRuleActionType.block_message]
+    single = await guild.fetch_automod_rule(int(rule["id"]))
+    assert single.enabled and single.event_type is discord.AutoModRuleEventType.message_send
+    assert [r.status for r in standin.requests_for("automod_rules")] == [403, 403, 200, 404, 200]
+    assert [r.status for r in standin.requests_for("automod_rule")] == [403, 200, 404, 404, 200]
+
+
+async def test_automod_rule_events_need_the_intent_and_manage_server(standin: DiscordStandIn) -> None:
+    intents = discord.Intents(guilds=True, auto_moderation_configuration=True)
+    bot = StandInBot(standin.guild_id, intents=intents)
+    async with (
+        running(bot, standin),
+        aiohttp.ClientSession() as http,
+        http.ws_connect(f"{standin.gateway_url}?v=10&encoding=json") as ws,
+    ):
+        await _identify_raw(ws, 1)  # GUILDS only
+        unseen = standin.put_automod_rule({"name": "before Manage Server"})
+        standin.set_bot_permissions(BOT_ROLE_PERMISSIONS | MANAGE_GUILD)
+        created = standin.put_automod_rule(
+            {"name": "No cats", "trigger_metadata": {"keyword_filter": ["cat"]}}
+        )
+        updated = standin.put_automod_rule({"id": created["id"], "enabled": False})
+        standin.delete_automod_rule(int(created["id"]))
+        await standin.wait_for(lambda: len(bot.state.automod) == 3)
+        heard = [(kind, rule.id, rule.name, rule.enabled) for kind, rule in bot.state.automod]
+        rule_id = int(created["id"])
+        assert heard == [
+            ("create", rule_id, "No cats", True),
+            ("update", rule_id, "No cats", False),
+            ("delete", rule_id, "No cats", False),
+        ]
+        assert bot.state.automod[0][1].trigger.keyword_filter == ["cat"]
+        standin.add_role(4242, "sentinel")
+        events = await _events_until(ws, "GUILD_ROLE_CREATE")
+        assert "GUILD_ROLE_UPDATE" in [e["t"] for e in events]
+        assert not [e["t"] for e in events if e["t"].startswith("AUTO_MODERATION")]
+    [with_intent] = [s for s in standin.gateway_sessions if s.intents & AUTOMOD_CONFIGURATION]
+    frames = [m for _, m in with_intent.history if m["t"].startswith("AUTO_MODERATION")]
+    assert [(m["t"], m["d"]) for m in frames] == [
+        ("AUTO_MODERATION_RULE_CREATE", created),
+        ("AUTO_MODERATION_RULE_UPDATE", updated),
+        ("AUTO_MODERATION_RULE_DELETE", updated),
+    ]
+    assert unseen["id"] not in {m["d"]["id"] for m in frames}
+
+
+async def test_automod_rule_defaults_and_updates(standin: DiscordStandIn) -> None:
+    rule = standin.put_automod_rule({})
+    assert int(rule["id"]) > 0
+    assert rule == {
+        "id": rule["id"],
+        "guild_id": str(DEFAULT_GUILD_ID),
+        "name": "Block Custom Words",
+        "creator_id": str(standin.world.owner_id),
+        "event_type": 1,
+        "trigger_type": 1,
+        "trigger_metadata": {"keyword_filter": [], "regex_patterns": [], "allow_list": []},
+        "actions": [{"type": 1, "metadata": {}}],
+        "enabled": True,
+        "exempt_roles": [],
+        "exempt_channels": [],
+    }
+    rule["trigger_metadata"]["keyword_filter"].append("mutated")  # the caller's copy only
+    updated = standin.put_automod_rule(
+        {
+            "id": int(rule["id"]),
+            "exempt_channels": [DEFAULT_CHANNEL_ID],
+            "actions": [{"type": 2, "metadata": {"channel_id": DEFAULT_CHANNEL_ID}}],
+        }
+    )
+    assert updated["id"] == rule["id"] and updated["trigger_metadata"]["keyword_filter"] == []
+    assert updated["exempt_channels"] == [str(DEFAULT_CHANNEL_ID)]
+    assert updated["actions"] == [{"type": 2, "metadata": {"channel_id": str(DEFAULT_CHANNEL_ID)}}]
+    with pytest.raises(ValueError, match="cannot be changed"):
+        standin.put_automod_rule({"id": rule["id"], "trigger_type": 3})
+    chosen = standin.put_automod_rule({"id": 77, "trigger_type": 3})  # an unknown id creates
+    assert (chosen["id"], chosen["trigger_metadata"], chosen["name"]) == (
+        "77",
+        {},
+        "Block Suspected Spam Content",
+    )
+    with pytest.raises(ValueError, match="at most 1"):
+        standin.put_automod_rule({"trigger_type": 3})
+    assert [r["id"] for r in standin.automod_rules()] == [rule["id"], "77"]
+    standin.delete_automod_rule(77)
+    with pytest.raises(LookupError):
+        standin.delete_automod_rule(77)
+    assert [r["id"] for r in standin.automod_rules()] == [rule["id"]]
+
+
+@pytest.mark.parametrize(
+    ("rule", "complaint"),
+    [
+        ({"trigger_metadata": {"keyword_filter": ["w"] * 1001}}, "keyword_filter"),
+        ({"trigger_metadata": {"keyword_filter": ["w" * 61]}}, "keyword_filter"),
+        ({"trigger_metadata": {"regex_patterns": ["a+"] * 11}}, "regex_patterns"),
+        ({"trigger_metadata": {"regex_patterns": ["a" * 261]}}, "regex_patterns"),
+        ({"trigger_metadata": {"allow_list": ["ok"] * 101}}, "allow_list"),
+        ({"exempt_roles": list(range(1, 22))}, "exempt_roles"),
+        ({"exempt_channels": list(range(1, 52))}, "exempt_channels"),
+        ({"trigger_type": 2}, "trigger_type"),
+        ({"trigger_type": 99}, "trigger_type"),
+        ({"trigger_type": 4, "trigger_metadata": {"presets": [9]}}, "presets"),
+        ({"trigger_type": 5}, "mention_total_limit"),
+        ({"actions": [{"type": 3, "metadata": {"duration_seconds": 0}}]}, "duration_seconds"),
+        ({"actions": [{"type": 2, "metadata": {}}]}, "channel_id"),
+        ({"trigger_type": 3, "actions": [{"type": 3, "metadata": {"duration_seconds": 60}}]}, "not allowed"),
+    ],
+)
+async def test_automod_rules_discord_would_refuse(
+    standin: DiscordStandIn, rule: dict[str, Any], complaint: str
+) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        standin.put_automod_rule(rule)
+    assert standin.automod_rules() == []
+
+
+async def test_automod_limits_are_inclusive(standin: DiscordStandIn) -> None:
+    rule = standin.put_automod_rule(
+        {
+            "trigger_metadata": {
+                "keyword_filter": [f"w{i}" for i in range(1000)],
+                "regex_patterns": ["a" * 260] * 10,
+                "allow_list": ["k" * 60] * 100,
+            },
+            "exempt_roles": list(range(1, 21)),
+            "exempt_channels": list(range(1, 51)),
+        }
+    )
+    assert len(rule["trigger_metadata"]["keyword_filter"]) == 1000 and len(rule["exempt_channels"]) == 50
+    for _ in range(5):  # six keyword rules in all
+        standin.put_automod_rule({})
+    with pytest.raises(ValueError, match="at most 6"):
+        standin.put_automod_rule({})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from services.moderation.automod import AutoModRule
-from services.moderation.policy import HOUR, Moderation
+from services.moderation.policy import HOUR, AutoModUnavailable, Moderation
 from services.moderation.settings import GuildSettings, Scope
 from services.moderation.terms import parse_terms
 from tests import test_store
@@ -65,6 +65,7 @@ async def test_automod_rules_apply_only_when_the_server_turned_them_on(backend: 
             "event_type": 1,
             "trigger_type": 1,
             "trigger_metadata": {"keyword_filter": ["cat"]},
+            "actions": [{"type": 1, "metadata": {}}],
             "enabled": True,
         }
     )
@@ -110,3 +111,40 @@ async def test_strikes_ban_automatically_once_the_server_set_them(backend: Backe
     assert await moderation.strike(GUILD, MEMBER) is not None
     clock.now += 7 * HOUR
     assert await moderation.strike(GUILD, MEMBER) is None
+
+
+def cats_rule(rule_id: str = "7", keyword: str = "cat") -> dict[str, object]:
+    return {
+        "id": rule_id,
+        "name": f"No {keyword}s",
+        "event_type": 1,
+        "trigger_type": 1,
+        "trigger_metadata": {"keyword_filter": [keyword]},
+        "actions": [{"type": 1, "metadata": {}}],
+        "enabled": True,
+    }
+
+
+async def test_rules_are_read_from_discord_once_and_a_failure_lets_prompts_through(backend: Backend) -> None:
+    asked: list[int] = []
+    answers: list[object] = [AutoModUnavailable("Discord answered 503"), [cats_rule()]]
+
+    async def fetch(guild_id: int) -> list[dict[str, object]]:
+        asked.append(guild_id)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    moderation = Moderation(await backend.open(), fetch_automod_rules=fetch)
+    await moderation.change(GUILD, lambda settings: GuildSettings(GUILD, automod=True))
+    assert await check(moderation, "a cat") is None  # unreadable: checked without them, not refused
+    assert await check(moderation, "a cat") is None and asked == [GUILD]  # not asked again at once
+    assert await moderation.load_automod_rules(GUILD) == 1
+    assert await check(moderation, "a cat") is not None
+    assert await check(moderation, "a dog") is None and asked == [GUILD, GUILD]
+    # Members Discord's AutoMod exempts (Manage Server) are exempt here too; the blocklist still applies.
+    exempt = await moderation.check_prompt(
+        GUILD, "a cat", age_restricted=False, role_ids=[], channel_ids=[CHANNEL], automod_exempt=True
+    )
+    assert exempt is None

@@ -82,3 +82,48 @@ async def test_a_job_started_on_one_process_is_resumed_by_the_other_and_delivere
 
 def second_log_mentions(processes: BotLauncher, text: str) -> bool:
     return text in processes.started[1].log()
+
+
+MODERATOR = 4_444_444_444_444_444_444
+MANAGE_GUILD, MANAGE_MESSAGES = 1 << 5, 1 << 13
+
+
+async def test_settings_cases_and_bans_are_shared_by_the_shard_processes(
+    bot_processes: BotLauncher, tmp_path: Path
+) -> None:
+    discord = bot_processes.discord
+    # The first server's channel is the operator's mod log: its entries speak for the second server too.
+    await start_two_shards(bot_processes, tmp_path, MOD_LOG_CHANNEL_ID=str(discord.channel_id))
+    second = {"guild_id": SECOND_GUILD_ID, "channel_id": SECOND_CHANNEL_ID}
+    added = await discord.send_slash_command(
+        "admin blocklist add", {"terms": "kid"}, user_id=MODERATOR, permissions=MANAGE_GUILD, **second
+    )
+    await discord.wait_for(lambda: added.callback is not None, timeout=10)
+    refused = await discord.send_slash_command("imagine", {"prompt": "a kid"}, user_id=USER, **second)
+    await discord.wait_for(lambda: refused.callback is not None, timeout=10)
+
+    def entry() -> list:  # type: ignore[type-arg]
+        return [
+            m
+            for m in discord.messages.values()
+            if m.channel_id == discord.channel_id and m.embeds and "Prompt blocked" in m.embeds[0]["title"]
+        ]
+
+    await discord.wait_for(lambda: bool(entry()), timeout=10)
+    posted = entry()[0]
+    ban_button = next(
+        c["custom_id"] for row in posted.components for c in row["components"] if c["label"] == "Ban 24 h"
+    )
+    # The press is the first server's, so the first shard's process takes it; the ban is the second's.
+    pressed = await discord.press_button(posted, ban_button, user_id=MODERATOR, permissions=MANAGE_MESSAGES)
+    await discord.wait_for(lambda: pressed.callback is not None, timeout=10)
+    await discord.wait_for(
+        lambda: any(f["name"] == "Decision" for f in posted.embeds[0]["fields"]), timeout=10
+    )
+
+    banned = await discord.send_slash_command("imagine", {"prompt": "a lighthouse"}, user_id=USER, **second)
+    await discord.wait_for(lambda: banned.callback is not None, timeout=10)
+    assert banned.callback is not None and banned.callback.type == 4
+    assert "You may not use the bot in this server until" in str(banned.callback.data.get("content"))
+    assert {added.guild_id, refused.guild_id} == {SECOND_GUILD_ID} and pressed.guild_id == discord.guild_id
+    assert bot_processes.segmind.stats.submits == []

@@ -1,7 +1,8 @@
 """A server's own AutoMod keyword rules, applied to prompts (Discord's AutoMod never sees command options).
 
 Rules come as Discord sends them (`GET /guilds/{id}/auto-moderation/rules` and the gateway's
-AUTO_MODERATION_RULE_* events). Only enabled KEYWORD rules on message sends apply: their keywords (the
+AUTO_MODERATION_RULE_* events). Only enabled KEYWORD rules on message sends that block the message apply
+(an alert-only rule lets a message through, so it lets a prompt through too): their keywords (the
 same wildcard syntax as the bot's own blocklist, matched on the normalised prompt), their regex patterns
 (Rust-flavoured on Discord; here RE2, the same family: linear time, so no pattern can hang the bot), their
 allow list, and the roles and channels they exempt. A rule Discord sends that cannot be read is left out,
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 TRIGGER_KEYWORD = 1
 EVENT_MESSAGE_SEND = 1
+ACTION_BLOCK_MESSAGE = 1
 MAX_PATTERN_LENGTH = 260  # Discord's own limit
 MAX_PATTERNS = 10
 # RE2 refuses a pattern whose program would outgrow this, instead of using the memory.
@@ -55,6 +57,12 @@ class AutoModRule:
             if data.get("trigger_type") != TRIGGER_KEYWORD or data.get("event_type") != EVENT_MESSAGE_SEND:
                 return None
             if data.get("enabled") is not True:
+                return None
+            # A rule that only alerts or times out lets the message through on Discord: so does a prompt.
+            if not any(
+                isinstance(a, Mapping) and a.get("type") == ACTION_BLOCK_MESSAGE
+                for a in data.get("actions") or ()
+            ):
                 return None
             rule_id = int(data["id"])
             name = str(data.get("name") or rule_id)[:100]

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from services.moderation.automod import AutoModRule, first_hit
 from services.moderation.cases import CASE_RETENTION_SECONDS, Decision, ModCase
 from services.moderation.settings import GuildSettings
 from services.store.base import Ban, Store
 
+log = logging.getLogger(__name__)
+
 # How long a process trusts the settings it read: a change made on another shard shows within this.
 SETTINGS_CACHE_SECONDS = 5.0
+# A prompt waits this long at most for a server's AutoMod rules to be read from Discord (inside the 3 s
+# an answer allows); rules that could not be read are asked for again after AUTOMOD_RETRY_SECONDS.
+AUTOMOD_FETCH_SECONDS = 0.8
+AUTOMOD_RETRY_SECONDS = 60.0
+
+RulesFetcher = Callable[[int], Awaitable[list[Mapping[str, Any]]]]
+
+
+class AutoModUnavailable(Exception):
+    """A server's AutoMod rules cannot be read from Discord; the text says why (for the admin)."""
+
+
 STRIKE_WINDOW_SECONDS = 24 * 3600.0
 HOUR = 3600.0
 
@@ -42,8 +58,11 @@ class Moderation:
         *,
         clock: Callable[[], float] = time.time,
         cache_seconds: float = SETTINGS_CACHE_SECONDS,
+        fetch_automod_rules: RulesFetcher | None = None,
     ) -> None:
         self._store = store
+        self._fetch_automod_rules = fetch_automod_rules
+        self._automod_failed: dict[int, float] = {}  # server -> when its rules last could not be read
         self._clock = clock
         self._cache_seconds = cache_seconds
         self._settings: dict[int, tuple[float, GuildSettings]] = {}
@@ -87,6 +106,39 @@ class Moderation:
     def knows_automod_rules(self, guild_id: int) -> bool:
         return guild_id in self._automod
 
+    async def load_automod_rules(self, guild_id: int) -> int:
+        """Reads the server's rules from Discord now; how many apply to prompts. AutoModUnavailable when
+        they cannot be read."""
+        if self._fetch_automod_rules is None:
+            raise AutoModUnavailable("this bot reads no AutoMod rules")
+        payloads = await self._fetch_automod_rules(guild_id)
+        rules = [rule for payload in payloads if (rule := AutoModRule.from_payload(payload)) is not None]
+        self.set_automod_rules(guild_id, rules)
+        self._automod_failed.pop(guild_id, None)
+        return len(rules)
+
+    async def _automod_rules(self, guild_id: int) -> Iterable[AutoModRule]:
+        """The rules as last read (read now, briefly, when this process has none yet for the server). Rules
+        that cannot be read apply as none: a Discord outage must not stop every prompt (logged)."""
+        rules = self._automod.get(guild_id)
+        if rules is not None:
+            return rules.values()
+        failed_at = self._automod_failed.get(guild_id)
+        if failed_at is not None and time.monotonic() - failed_at < AUTOMOD_RETRY_SECONDS:
+            return ()
+        try:
+            async with asyncio.timeout(AUTOMOD_FETCH_SECONDS):
+                await self.load_automod_rules(guild_id)
+        except (AutoModUnavailable, TimeoutError) as error:
+            self._automod_failed[guild_id] = time.monotonic()
+            log.warning(
+                "server %d: its AutoMod rules could not be read (%s); prompts are checked without them",
+                guild_id,
+                error or "timed out",
+            )
+            return ()
+        return self._automod.get(guild_id, {}).values()
+
     def set_automod_rules(self, guild_id: int, rules: Iterable[AutoModRule]) -> None:
         self._automod[guild_id] = {rule.id: rule for rule in rules}
 
@@ -110,14 +162,18 @@ class Moderation:
         age_restricted: bool,
         role_ids: Collection[int],
         channel_ids: Collection[int],
+        automod_exempt: bool = False,
     ) -> PromptBlock | None:
-        """Whether the server's rules refuse this prompt (the blocklist, then its AutoMod rules if on)."""
+        """Whether the server's rules refuse this prompt (the blocklist, then its AutoMod rules if on).
+
+        `automod_exempt`: the member has Manage Server or Administrator, whom Discord's AutoMod never
+        applies to either."""
         settings = await self.settings(guild_id)
         term = settings.blocklist_for(age_restricted=age_restricted).match(prompt)
         if term is not None:
             return PromptBlock("blocklist", term.text)
-        if settings.automod:
-            rules = self._automod.get(guild_id, {}).values()
+        if settings.automod and not automod_exempt:
+            rules = await self._automod_rules(guild_id)
             hit = first_hit(rules, prompt, role_ids=role_ids, channel_ids=channel_ids)
             if hit is not None:
                 return PromptBlock("automod", hit.matched, hit.rule_name)

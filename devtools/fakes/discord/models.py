@@ -43,6 +43,7 @@ MESSAGE_CHAT_INPUT_COMMAND = 20
 
 CHANNEL_GUILD_TEXT = 0
 CHANNEL_DM = 1
+CHANNEL_PUBLIC_THREAD = 11
 
 # Permission bits for a plain member (view, send, embed, attach, history, reactions,
 # external emoji, use application commands, invite, nickname, voice connect/speak).
@@ -62,6 +63,10 @@ DEFAULT_MEMBER_PERMISSIONS = (
 )
 # The bot's managed role: member permissions plus manage messages and embeds in threads.
 BOT_ROLE_PERMISSIONS = DEFAULT_MEMBER_PERMISSIONS | (1 << 13) | (1 << 38)
+PERMISSION_ADMINISTRATOR = 1 << 3
+PERMISSION_MANAGE_GUILD = 1 << 5
+# What Administrator grants: every permission bit Discord defines (up to Use External Apps).
+ALL_PERMISSIONS = (1 << 51) - 1
 
 
 class SnowflakeFactory:

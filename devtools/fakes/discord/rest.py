@@ -184,6 +184,9 @@ class RestApi:
         add("GET", "/guilds/{guild_id}", "get_guild", self._get_guild)
         add("GET", "/guilds/{guild_id}/channels", "guild_channels", self._guild_channels)
         add("GET", "/guilds/{guild_id}/members/{user_id}", "get_member", self._get_member)
+        rules = "/guilds/{guild_id}/auto-moderation/rules"
+        add("GET", rules, "automod_rules", self._automod_rules)
+        add("GET", rules + "/{rule_id}", "automod_rule", self._automod_rule)
 
     # -- request pipeline -----------------------------------------------------------------------
 
@@ -652,6 +655,25 @@ class RestApi:
         if member is None:
             raise api_error(404, 10007, "Unknown Member")
         return 200, member
+
+    # -- AutoMod --------------------------------------------------------------------------------
+
+    def _automod_guild(self, call: ApiCall) -> Any:
+        guild = self._guild(call)
+        # Reading rules takes Manage Server, as configuring them does.
+        if not self.world.bot_can_manage_guild(guild):
+            raise api_error(403, 50013)
+        return guild
+
+    async def _automod_rules(self, call: ApiCall) -> Reply:
+        guild = self._automod_guild(call)
+        return 200, [dict(r) for r in guild.automod_rules.values()]
+
+    async def _automod_rule(self, call: ApiCall) -> Reply:
+        rule = self._automod_guild(call).automod_rules.get(call.int_param("rule_id"))
+        if rule is None:
+            raise api_error(404, 10066)
+        return 200, dict(rule)
 
     # -- served attachments (the CDN) -----------------------------------------------------------
 

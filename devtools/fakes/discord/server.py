@@ -20,6 +20,7 @@ session ends only when the resume timeout has passed.)
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ from aiohttp import web
 
 from devtools.fakes.discord.gateway import Gateway, GatewayConnectionInfo, GatewaySession
 from devtools.fakes.discord.models import (
+    BOT_ROLE_PERMISSIONS,
     DEFAULT_MEMBER_PERMISSIONS,
     INTERACTION_APPLICATION_COMMAND,
     INTERACTION_MESSAGE_COMPONENT,
@@ -52,6 +54,7 @@ DEFAULT_USERNAME = "tester"
 BUTTON = 2
 
 __all__ = [
+    "BOT_ROLE_PERMISSIONS",
     "DEFAULT_BOT_USER_ID",
     "DEFAULT_CHANNEL_ID",
     "DEFAULT_GUILD_ID",
@@ -229,7 +232,9 @@ class DiscordStandIn:
         could invoke it there.
         """
         channel = self._channel(guild_id, channel_id)
-        data = self.world.command_data(name, options, raw_options, channel.guild_id, channel.id)
+        data = self.world.command_data(
+            name, options, raw_options, channel.guild_id, channel.id, permissions=permissions
+        )
         handle = self.world.new_interaction(
             interaction_type=INTERACTION_APPLICATION_COMMAND,
             channel_id=channel.id,
@@ -392,6 +397,65 @@ class DiscordStandIn:
         self.gateway.dispatch_event(
             guild.id, "GUILD_ROLE_CREATE", {"guild_id": str(guild.id), "role": role}, 1
         )
+
+    def add_channel(
+        self, channel_id: int, *, name: str = "general", nsfw: bool = False, guild_id: int | None = None
+    ) -> None:
+        """Adds a text channel (age-restricted with `nsfw`) to a guild; sessions with the GUILDS
+        intent get CHANNEL_CREATE, so the bot's cache has it before any interaction there."""
+        self.world.add_channel(guild_id or self.guild_id, channel_id, name, nsfw=nsfw)
+        self.world.notifier.notify()
+
+    def add_thread(
+        self, thread_id: int, parent_id: int, *, name: str = "thread", owner_id: int = DEFAULT_USER_ID
+    ) -> None:
+        """Starts a public thread (type 11) in a text channel, as the member `owner_id` would;
+        sessions with the GUILDS intent get THREAD_CREATE. Interactions may then be sent with
+        `channel_id=thread_id`; a thread is age-restricted when its parent is."""
+        self.world.add_thread(thread_id, parent_id, name, owner_id)
+        self.world.notifier.notify()
+
+    def set_channel_nsfw(self, channel_id: int, nsfw: bool) -> None:
+        """Turns a text channel's age restriction on or off, with CHANNEL_UPDATE to GUILDS sessions."""
+        self.world.set_channel_nsfw(channel_id, nsfw)
+        self.world.notifier.notify()
+
+    def set_bot_permissions(self, permissions: int, guild_id: int | None = None) -> None:
+        """Sets the bot's role permissions in a guild (default BOT_ROLE_PERMISSIONS), with
+        GUILD_ROLE_UPDATE to GUILDS sessions. As on Discord the bot also has @everyone's
+        permissions (DEFAULT_MEMBER_PERMISSIONS), and Administrator (1 << 3) grants all; that
+        sum is interactions' `app_permissions` and what the AutoMod routes check."""
+        self.world.set_bot_permissions(guild_id or self.guild_id, permissions)
+        self.world.notifier.notify()
+
+    def bot_permissions(self, guild_id: int | None = None) -> int:
+        """The bot's effective guild permissions, as `app_permissions` carries them."""
+        return self.world.bot_permissions(self.world.guilds[guild_id or self.guild_id])
+
+    def automod_rules(self, guild_id: int | None = None) -> list[dict[str, Any]]:
+        """The guild's AutoMod rules as GET /guilds/{id}/auto-moderation/rules returns them."""
+        rules = self.world.guilds[guild_id or self.guild_id].automod_rules.values()
+        return [copy.deepcopy(r) for r in rules]
+
+    def put_automod_rule(self, rule: Mapping[str, Any], guild_id: int | None = None) -> dict[str, Any]:
+        """Creates (no "id", or one the guild lacks) or updates an AutoMod rule, as a moderator
+        would in the server settings, and returns it in full.
+
+        What the caller leaves out is filled in as Discord does (a new snowflake id, keyword
+        trigger, empty keyword metadata, block-message action, enabled, no exemptions); what
+        Discord would refuse raises ValueError (too many or too long keywords, patterns or
+        allow-list entries, too many exemptions, an unknown trigger type, an unsupported action).
+        Sessions with the AUTO_MODERATION_CONFIGURATION intent (1 << 20) get
+        AUTO_MODERATION_RULE_CREATE/UPDATE, but only while the bot has Manage Server (1 << 5)."""
+        rule = self.world.put_automod_rule(guild_id or self.guild_id, rule)
+        self.world.notifier.notify()
+        return rule
+
+    def delete_automod_rule(self, rule_id: int, guild_id: int | None = None) -> None:
+        """Deletes an AutoMod rule (LookupError if there is none); AUTO_MODERATION_RULE_DELETE
+        carries the rule as it was, under the same intent and permission conditions."""
+        self.world.delete_automod_rule(guild_id or self.guild_id, rule_id)
+        self.world.notifier.notify()
 
     def dm_channel(self, user_id: int = DEFAULT_USER_ID) -> int:
         """The id of the DM channel between the bot and a user (created on first use)."""

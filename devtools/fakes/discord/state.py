@@ -7,6 +7,7 @@ messages, building interaction payloads). Nothing here touches sockets.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import re
 import secrets
@@ -15,10 +16,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from devtools.fakes.discord.automod import normalize_rule
 from devtools.fakes.discord.models import (
+    ALL_PERMISSIONS,
     BOT_ROLE_PERMISSIONS,
     CHANNEL_DM,
     CHANNEL_GUILD_TEXT,
+    CHANNEL_PUBLIC_THREAD,
     DEFAULT_MEMBER_PERMISSIONS,
     FLAG_COMPONENTS_V2,
     FLAG_EPHEMERAL,
@@ -29,6 +33,8 @@ from devtools.fakes.discord.models import (
     INTERACTION_MESSAGE_COMPONENT,
     INTERACTION_MODAL_SUBMIT,
     MESSAGE_DEFAULT,
+    PERMISSION_ADMINISTRATOR,
+    PERMISSION_MANAGE_GUILD,
     ChangeNotifier,
     InteractionHandle,
     RecordedFile,
@@ -38,6 +44,7 @@ from devtools.fakes.discord.models import (
     StoredMessage,
     bot_user_payload,
     image_size,
+    iso,
     iter_components,
     member_payload,
     role_payload,
@@ -50,6 +57,7 @@ from devtools.fakes.discord.validation import FormErrors
 INTENT_GUILDS = 1 << 0
 INTENT_GUILD_MESSAGES = 1 << 9
 INTENT_DIRECT_MESSAGES = 1 << 12
+INTENT_AUTO_MODERATION_CONFIGURATION = 1 << 20
 
 # Flags a bot may set when creating a message, and the subset it may change by editing.
 CREATE_FLAGS = FLAG_SUPPRESS_EMBEDS | FLAG_EPHEMERAL | FLAG_SUPPRESS_NOTIFICATIONS | FLAG_COMPONENTS_V2
@@ -89,6 +97,12 @@ class Guild:
     members: dict[int, dict[str, Any]] = field(default_factory=dict)
     # role id -> name, for roles beyond @everyone and the bot's own
     roles: dict[int, str] = field(default_factory=dict)
+    # the bot's managed role's permissions
+    bot_permissions: int = BOT_ROLE_PERMISSIONS
+    # active threads, which Discord lists apart from the guild's channels
+    thread_ids: list[int] = field(default_factory=list)
+    # rule id -> AutoMod rule payload
+    automod_rules: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,6 +113,17 @@ class Channel:
     name: str | None = None
     recipient_id: int | None = None
     last_message_id: int | None = None
+    nsfw: bool = False
+    # threads only: the text channel they are in, who started them, and their counters
+    parent_id: int | None = None
+    owner_id: int | None = None
+    created_at: dt.datetime = field(default_factory=utcnow)
+    message_count: int = 0
+    total_message_sent: int = 0
+
+    @property
+    def is_thread(self) -> bool:
+        return self.type == CHANNEL_PUBLIC_THREAD
 
 
 class DiscordWorld:
@@ -200,11 +225,109 @@ class DiscordWorld:
         )
         return guild
 
+    def add_channel(self, guild_id: int, channel_id: int, name: str, *, nsfw: bool) -> Channel:
+        """A text channel in the guild, announced as Discord does (CHANNEL_CREATE)."""
+        guild = self.guilds.get(guild_id)
+        if guild is None:
+            raise LookupError(f"unknown guild {guild_id}")
+        if channel_id in self.channels:
+            raise ValueError(f"channel {channel_id} already exists")
+        channel = Channel(id=channel_id, type=CHANNEL_GUILD_TEXT, guild_id=guild_id, name=name, nsfw=nsfw)
+        self.channels[channel_id] = channel
+        guild.channel_ids.append(channel_id)
+        self.event_sink(guild_id, "CHANNEL_CREATE", self.channel_payload(channel), INTENT_GUILDS)
+        return channel
+
+    def add_thread(self, thread_id: int, parent_id: int, name: str, owner_id: int) -> Channel:
+        """A public thread in a text channel, announced with THREAD_CREATE (newly_created)."""
+        parent = self.channels.get(parent_id)
+        if parent is None or parent.type != CHANNEL_GUILD_TEXT or parent.guild_id is None:
+            raise LookupError(f"{parent_id} is not a guild text channel; threads need one as parent")
+        if thread_id in self.channels:
+            raise ValueError(f"channel {thread_id} already exists")
+        self.user(owner_id)
+        thread = Channel(
+            id=thread_id,
+            type=CHANNEL_PUBLIC_THREAD,
+            guild_id=parent.guild_id,
+            name=name,
+            parent_id=parent_id,
+            owner_id=owner_id,
+        )
+        self.channels[thread_id] = thread
+        self.guilds[parent.guild_id].thread_ids.append(thread_id)
+        data = {**self.channel_payload(thread), "newly_created": True}
+        self.event_sink(parent.guild_id, "THREAD_CREATE", data, INTENT_GUILDS)
+        return thread
+
+    def set_channel_nsfw(self, channel_id: int, nsfw: bool) -> None:
+        """Marks a text channel age-restricted or not (CHANNEL_UPDATE); threads follow their parent."""
+        channel = self.channels.get(channel_id)
+        if channel is None or channel.type != CHANNEL_GUILD_TEXT or channel.guild_id is None:
+            raise LookupError(f"{channel_id} is not a guild text channel (threads take their parent's flag)")
+        channel.nsfw = nsfw
+        self.event_sink(channel.guild_id, "CHANNEL_UPDATE", self.channel_payload(channel), INTENT_GUILDS)
+
+    # -- permissions ------------------------------------------------------------------------
+
+    def set_bot_permissions(self, guild_id: int, permissions: int) -> None:
+        """Sets the bot role's permissions, telling sessions as Discord does (GUILD_ROLE_UPDATE)."""
+        guild = self.guilds[guild_id]
+        guild.bot_permissions = permissions
+        role = next(r for r in self.guild_roles(guild) if r["id"] == str(guild.bot_role_id))
+        self.event_sink(
+            guild_id, "GUILD_ROLE_UPDATE", {"guild_id": str(guild_id), "role": role}, INTENT_GUILDS
+        )
+
+    def bot_permissions(self, guild: Guild) -> int:
+        """The bot's guild-level permissions: @everyone's plus its role's, everything with Administrator."""
+        permissions = DEFAULT_MEMBER_PERMISSIONS | guild.bot_permissions
+        return ALL_PERMISSIONS if permissions & PERMISSION_ADMINISTRATOR else permissions
+
+    def bot_can_manage_guild(self, guild: Guild) -> bool:
+        return bool(self.bot_permissions(guild) & PERMISSION_MANAGE_GUILD)
+
+    # -- AutoMod ----------------------------------------------------------------------------
+
+    def put_automod_rule(self, guild_id: int, rule: Mapping[str, Any]) -> dict[str, Any]:
+        """Creates (no or an unknown "id") or updates a rule, filled in and checked as Discord does."""
+        guild = self.guilds.get(guild_id)
+        if guild is None:
+            raise LookupError(f"unknown guild {guild_id}")
+        rule_id = int(rule["id"]) if rule.get("id") is not None else self.snowflakes.next()
+        existing = guild.automod_rules.get(rule_id)
+        stored = normalize_rule(
+            {k: v for k, v in rule.items() if k not in ("id", "guild_id")},
+            existing,
+            rule_id=rule_id,
+            guild_id=guild_id,
+            creator_id=guild.owner_id,
+            others=[r for key, r in guild.automod_rules.items() if key != rule_id],
+        )
+        guild.automod_rules[rule_id] = stored
+        event = "AUTO_MODERATION_RULE_UPDATE" if existing is not None else "AUTO_MODERATION_RULE_CREATE"
+        self._emit_automod_event(guild, event, stored)
+        return copy.deepcopy(stored)
+
+    def delete_automod_rule(self, guild_id: int, rule_id: int) -> None:
+        guild = self.guilds.get(guild_id)
+        if guild is None:
+            raise LookupError(f"unknown guild {guild_id}")
+        rule = guild.automod_rules.pop(rule_id, None)
+        if rule is None:
+            raise LookupError(f"guild {guild_id} has no AutoMod rule {rule_id}")
+        self._emit_automod_event(guild, "AUTO_MODERATION_RULE_DELETE", rule)
+
+    def _emit_automod_event(self, guild: Guild, event: str, rule: dict[str, Any]) -> None:
+        # Discord sends rule events only to bots that could read the rules (Manage Server).
+        if self.bot_can_manage_guild(guild):
+            self.event_sink(guild.id, event, copy.deepcopy(rule), INTENT_AUTO_MODERATION_CONFIGURATION)
+
     def guild_roles(self, guild: Guild) -> list[dict[str, Any]]:
         return [
             role_payload(guild.id, "@everyone", DEFAULT_MEMBER_PERMISSIONS, 0),
             role_payload(
-                guild.bot_role_id, self.bot_username, BOT_ROLE_PERMISSIONS, 1, bot_id=self.bot_user_id
+                guild.bot_role_id, self.bot_username, guild.bot_permissions, 1, bot_id=self.bot_user_id
             ),
             *(
                 role_payload(role_id, name, DEFAULT_MEMBER_PERMISSIONS, 2 + position)
@@ -222,15 +345,20 @@ class DiscordWorld:
                 "flags": 0,
                 "recipients": [dict(recipient)],
             }
+        if channel.is_thread:
+            return self._thread_payload(channel)
+        guild = self.guilds.get(channel.guild_id or 0)
         payload: dict[str, Any] = {
             "id": str(channel.id),
             "type": channel.type,
             "name": channel.name,
-            "position": 0,
+            "position": guild.channel_ids.index(channel.id)
+            if guild and channel.id in guild.channel_ids
+            else 0,
             "permission_overwrites": [],
             "parent_id": None,
             "topic": None,
-            "nsfw": False,
+            "nsfw": channel.nsfw,
             "rate_limit_per_user": 0,
             "last_message_id": _str_or_none(channel.last_message_id),
             "flags": 0,
@@ -238,6 +366,32 @@ class DiscordWorld:
         if with_guild_id:
             payload["guild_id"] = str(channel.guild_id)
         return payload
+
+    def _thread_payload(self, thread: Channel) -> dict[str, Any]:
+        """A thread as Discord sends it: no nsfw of its own (clients ask the parent), with metadata."""
+        created = iso(thread.created_at)
+        return {
+            "id": str(thread.id),
+            "type": thread.type,
+            "guild_id": str(thread.guild_id),
+            "parent_id": str(thread.parent_id),
+            "owner_id": str(thread.owner_id),
+            "name": thread.name,
+            "last_message_id": _str_or_none(thread.last_message_id),
+            "rate_limit_per_user": 0,
+            "flags": 0,
+            "message_count": thread.message_count,
+            "member_count": 1,
+            "total_message_sent": thread.total_message_sent,
+            "member_ids_preview": [str(thread.owner_id)],
+            "thread_metadata": {
+                "archived": False,
+                "archive_timestamp": created,
+                "auto_archive_duration": 1440,
+                "locked": False,
+                "create_timestamp": created,
+            },
+        }
 
     def guild_payload(self, guild: Guild, *, full: bool = True) -> dict[str, Any]:
         """A guild object; `full` adds the GUILD_CREATE-only fields (channels, members, ...)."""
@@ -290,7 +444,7 @@ class DiscordWorld:
                     "channels": [
                         self.channel_payload(self.channels[c], with_guild_id=False) for c in guild.channel_ids
                     ],
-                    "threads": [],
+                    "threads": [self.channel_payload(self.channels[t]) for t in guild.thread_ids],
                     "presences": [],
                     "voice_states": [],
                     "stage_instances": [],
@@ -416,6 +570,9 @@ class DiscordWorld:
         self.messages[message.id] = message
         if not message.ephemeral:
             channel.last_message_id = message.id
+            if channel.is_thread:
+                channel.message_count += 1
+                channel.total_message_sent += 1
             self._emit_message_event("MESSAGE_CREATE", message)
         return message
 
@@ -460,6 +617,9 @@ class DiscordWorld:
         if message.deleted:
             return
         message.deleted = True
+        channel = self.channels.get(message.channel_id)
+        if channel is not None and channel.is_thread and not message.ephemeral:
+            channel.message_count = max(0, channel.message_count - 1)
         if not message.ephemeral:
             data: dict[str, Any] = {"id": str(message.id), "channel_id": str(message.channel_id)}
             if message.guild_id is not None:
@@ -570,7 +730,7 @@ class DiscordWorld:
                 "guild": {"id": str(guild.id), "locale": "en-US", "features": []},
                 "guild_locale": "en-US",
                 "member": member,
-                "app_permissions": str(BOT_ROLE_PERMISSIONS),
+                "app_permissions": str(self.bot_permissions(guild)),
                 "context": 0,
                 "authorizing_integration_owners": {"0": str(guild.id)},
             }
@@ -595,8 +755,12 @@ class DiscordWorld:
         raw_options: list[dict[str, Any]] | None,
         guild_id: int | None,
         channel_id: int,
+        *,
+        permissions: int = DEFAULT_MEMBER_PERMISSIONS,
     ) -> dict[str, Any]:
-        """Builds an application command interaction's `data` as the Discord client would."""
+        """Builds an application command interaction's `data` as the Discord client would.
+
+        `permissions` are the invoking member's, which resolved channels carry."""
         parts = path.split()
         definition, is_guild = self.find_command(parts[0], guild_id)
         # Once anything was synced, only synced commands exist for users (a guild's commands
@@ -627,7 +791,7 @@ class DiscordWorld:
                 container = node
                 level_defs = list((sub or {}).get("options") or [])
             built = self._build_options(
-                level_defs, options or {}, resolved, channel_id, strict=definition is not None
+                level_defs, options or {}, resolved, channel_id, permissions, strict=definition is not None
             )
             container["options"] = built
         if resolved:
@@ -640,6 +804,7 @@ class DiscordWorld:
         values: Mapping[str, object],
         resolved: dict[str, dict[str, Any]],
         channel_id: int,
+        permissions: int,
         *,
         strict: bool,
     ) -> list[dict[str, Any]]:
@@ -650,7 +815,7 @@ class DiscordWorld:
             if strict and definition is None:
                 raise ValueError(f"unknown option {name!r}; the command defines {sorted(by_name)}")
             option_type = int(definition["type"]) if definition else _infer_option_type(value)
-            coerced = self._option_value(option_type, value, resolved, channel_id)
+            coerced = self._option_value(option_type, value, resolved, channel_id, permissions)
             if definition is not None:
                 _check_option_constraints(definition, coerced)
             result.append({"name": name, "type": option_type, "value": coerced})
@@ -660,7 +825,12 @@ class DiscordWorld:
         return result
 
     def _option_value(
-        self, option_type: int, value: object, resolved: dict[str, dict[str, Any]], channel_id: int
+        self,
+        option_type: int,
+        value: object,
+        resolved: dict[str, dict[str, Any]],
+        channel_id: int,
+        permissions: int,
     ) -> Any:
         if option_type == OPTION_STRING:
             return str(value)
@@ -676,9 +846,10 @@ class DiscordWorld:
             return user["id"]
         if option_type == OPTION_CHANNEL:
             channel = self.channels[int(value)]  # type: ignore[call-overload]
+            # Discord's resolved channels carry the invoking member's permissions there.
             resolved.setdefault("channels", {})[str(channel.id)] = {
                 **self.channel_payload(channel),
-                "permissions": str(BOT_ROLE_PERMISSIONS),
+                "permissions": str(permissions),
             }
             return str(channel.id)
         if option_type == OPTION_ROLE:
@@ -761,6 +932,7 @@ def _check_option_constraints(definition: dict[str, Any], value: Any) -> None:
 
 
 __all__ = [
+    "INTENT_AUTO_MODERATION_CONFIGURATION",
     "INTENT_DIRECT_MESSAGES",
     "INTENT_GUILDS",
     "INTENT_GUILD_MESSAGES",

@@ -24,6 +24,7 @@ ERROR_MESSAGES: dict[int, str] = {
     10015: "Unknown Webhook",
     10062: "Unknown interaction",
     10063: "Unknown application command",
+    10066: "Unknown auto moderation rule",
     40005: "Request entity too large",
     40060: "Interaction has already been acknowledged.",
     50001: "Missing Access",
