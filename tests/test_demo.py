@@ -63,6 +63,45 @@ def test_demo_runs_offline_and_writes_images_and_transcripts(tmp_path: Path) -> 
     assert (out / "bot.sqlite3").exists()
 
 
+def test_the_admin_demo_shows_a_blocked_prompt_and_a_moderators_ban_from_the_mod_log(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    finished = subprocess.run(
+        [sys.executable, "-m", "devtools.demo", "--admin", "--out", str(out), "--samples", "1"],
+        check=False,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert finished.returncode == 0, f"stdout:\n{finished.stdout}\nstderr:\n{finished.stderr[-4000:]}"
+    assert "Traceback" not in finished.stderr
+    data = json.loads((out / "transcript.json").read_text("utf-8"))
+    labels = [interaction["label"] for interaction in data["interactions"]]
+    assert labels == [
+        "/imagine",
+        "Info button",
+        "/admin modlog",
+        "/admin blocklist add",
+        "/imagine",
+        "Ban 24 h button",
+        "/imagine",
+    ]
+    blocked = data["interactions"][4]
+    assert "rules don't allow" in data["summary"]["blocked prompt"]
+    assert any("Appeal" in label for e in blocked["events"] for label in e.get("buttons") or [])
+    assert data["summary"]["after the ban"].startswith("⛔ You may not use the bot in this server until")
+    entry = [
+        e for e in data["other_messages"] if e.get("embeds") and "Prompt blocked" in e["embeds"][0]["title"]
+    ]
+    assert entry[0]["buttons"] == ["Ban 24 h", "Dismiss"] and entry[0]["event"] == "created"
+    decided = entry[-1]["embeds"][0]["fields"]
+    assert any(f["name"] == "Decision" and f["value"].startswith("🔨 Banned for 24 h") for f in decided)
+    markdown = (out / "transcript.md").read_text("utf-8")
+    # As a Discord client shows it: names, not ids.
+    assert "- **Member**: @demo-user" in markdown and "by @demo-moderator" in markdown
+    assert "#mod-log message" in markdown
+
+
 # ---- the recorder, without a server: what it makes of edits it could not see one by one --------------
 
 

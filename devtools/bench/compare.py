@@ -24,7 +24,12 @@ class Comparison:
         self.table, self.label, self.ours, self.fixed = table, label, ours, fixed
 
     def row(
-        self, figure: str, value: Callable[[RunFigures], float], shown: Callable[[float], str], *, ratio_too: bool = True
+        self,
+        figure: str,
+        value: Callable[[RunFigures], float],
+        shown: Callable[[float], str],
+        *,
+        ratio_too: bool = True,
     ) -> None:
         ours, fixed = value(self.ours), value(self.fixed)
         self.table.rows.append(
@@ -41,7 +46,9 @@ def megabytes(value: float) -> str:
 
 
 def add_predictable(table: Table, ours: RunFigures, fixed: RunFigures) -> None:
-    rows = Comparison(table, f"{len(ours.jobs)} jobs, Poisson arrivals, time ∝ steps × pixels × images", ours, fixed)
+    rows = Comparison(
+        table, f"{len(ours.jobs)} jobs, Poisson arrivals, time ∝ steps × pixels × images", ours, fixed
+    )
     rows.row("delivery lag (ended at Segmind → images at Discord), mean", lambda r: mean(r.lags()), seconds)
     rows.row("status calls per job", lambda r: mean(r.status_calls()), count)
     rows.row(
@@ -53,7 +60,9 @@ def add_predictable(table: Table, ours: RunFigures, fixed: RunFigures) -> None:
 
 
 def add_unpredictable(table: Table, ours: RunFigures, fixed: RunFigures) -> None:
-    rows = Comparison(table, f"{len(ours.jobs)} jobs in flight, 20–40 s each whatever the options", ours, fixed)
+    rows = Comparison(
+        table, f"{len(ours.jobs)} jobs in flight, 20–40 s each whatever the options", ours, fixed
+    )
     rows.row("delivery lag, mean", lambda r: mean(r.lags()), seconds)
     rows.row("delivery lag, p95", lambda r: percentile(r.lags(), 0.95), seconds)
     rows.row("status calls per job", lambda r: mean(r.status_calls()), count)
@@ -68,10 +77,19 @@ def add_plan(table: Table, ours: RunFigures, fixed: RunFigures, *, limit: int, l
     rows.row("images delivered per minute", lambda r: r.images_per_minute, count)
     rows.row("jobs failed", lambda r: r.failed, count, ratio_too=False)
     rows.row("429s received", lambda r: r.rate_limited, count, ratio_too=False)
-    rows.row(f"most requests in a sliding minute (limit {limit})", lambda r: r.most_in_a_minute, count, ratio_too=False)
+    rows.row(
+        f"most requests in a sliding minute (limit {limit})",
+        lambda r: r.most_in_a_minute,
+        count,
+        ratio_too=False,
+    )
     # The fixed poller sends every submit at once (and most then fail): a ratio of waits would say nothing.
-    rows.row("submit waited, members with 1 job, mean", lambda r: mean(r.submit_wait(1)), seconds, ratio_too=False)
-    rows.row("submit waited, members with 4 jobs, mean", lambda r: mean(r.submit_wait(4)), seconds, ratio_too=False)
+    rows.row(
+        "submit waited, members with 1 job, mean", lambda r: mean(r.submit_wait(1)), seconds, ratio_too=False
+    )
+    rows.row(
+        "submit waited, members with 4 jobs, mean", lambda r: mean(r.submit_wait(4)), seconds, ratio_too=False
+    )
     rows.row(
         "1-job members' wait / 4-job members' wait",
         lambda r: mean(r.submit_wait(1)) / mean(r.submit_wait(4)) if r.submit_wait(4) else math.nan,

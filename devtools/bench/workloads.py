@@ -76,7 +76,9 @@ class Workload:
     commands: list[Command]
     warm_up: list[Command] = field(default_factory=list)  # answered first and not counted: a bot that has run
     bot_env: dict[str, str] = field(default_factory=dict)  # for both variants
-    baseline_env: dict[str, str] = field(default_factory=dict)  # the fixed poller's, on top of FIXED_POLLER_ENV
+    baseline_env: dict[str, str] = field(
+        default_factory=dict
+    )  # the fixed poller's, on top of FIXED_POLLER_ENV
     shards: int = 1
     store: str = "sqlite"
 
@@ -273,9 +275,7 @@ async def _send_all(
         where = {}
         if workload.shards > 1 and number % 2:
             where = {"guild_id": SECOND_GUILD, "channel_id": SECOND_CHANNEL}
-        handle = await discord.send_slash_command(
-            "imagine", command.options, user_id=command.member, **where
-        )
+        handle = await discord.send_slash_command("imagine", command.options, user_id=command.member, **where)
         handles.append((command, handle))
 
     await asyncio.gather(*(send(n, command) for n, command in enumerate(commands)))

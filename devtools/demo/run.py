@@ -29,12 +29,14 @@ import discord
 
 from cogs.buttons import InfoButton
 from cogs.imagine import ASPECTS
+from devtools.demo.admin import AdminDemoError, run_admin_demo
 from devtools.demo.transcript import (
     CALLBACK_NAMES,
     MessageEvent,
     TranscriptRecorder,
     build_transcript,
     button_labels,
+    names_of,
     render_markdown,
     stop_watching,
 )
@@ -140,6 +142,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds to wait for the result after sending /imagine (default: %(default)g)",
     )
     parser.add_argument(
+        "--admin",
+        action="store_true",
+        help=(
+            "then show the server's side: an admin sets a mod log and a blocklist, a member's blocked prompt "
+            "is refused, and a moderator bans them from the mod-log entry (default: the member's side only)"
+        ),
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=DEFAULT_OUT,
@@ -177,6 +187,7 @@ class DemoRun:
     timings: dict[str, Any] = field(default_factory=dict)
     progress_texts: list[str] = field(default_factory=list)
     seed: str | None = None
+    admin_summary: dict[str, str] = field(default_factory=dict)  # with --admin
 
     @property
     def origin(self) -> float:
@@ -339,6 +350,7 @@ def summarize(run: DemoRun, recorder: TranscriptRecorder) -> None:
         private = ", ephemeral" if info.is_ephemeral else ""
         name = CALLBACK_NAMES.get(info.callback.type, "an answer")
         run.summary["Info button"] = f"answered after {seconds_text(after)}: {name}{private}"
+    run.summary.update(run.admin_summary)
 
 
 def result_seed(message: StoredMessage) -> str | None:
@@ -404,6 +416,7 @@ def write_transcripts(run: DemoRun, recorder: TranscriptRecorder, stand_in: Disc
             "images": [vars(image) for image in run.images],
         },
         "files": files,
+        "names": names_of(stand_in),
     }
     data = build_transcript(recorder, stand_in, run.origin, extra)
     (run.out / TRANSCRIPT_JSON).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
@@ -470,6 +483,11 @@ async def run_demo(args: argparse.Namespace) -> DemoRun:
             message = await send_imagine(run, stack, recorder, args.timeout)
             save_images(run)
             await press_info(run, stack, recorder, message)
+            if args.admin:
+                try:
+                    await run_admin_demo(stack, recorder, member=USERNAME, summary=run.admin_summary)
+                except AdminDemoError as error:
+                    raise DemoError(f"the admin demo: {error}") from None
         except DemoError as error:
             if run.command is not None:
                 summarize(run, recorder)

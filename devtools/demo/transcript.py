@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import copy
 import datetime as dt
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -286,7 +287,7 @@ def build_transcript(
             }
         )
     others = [
-        _event_data(event, origin, "channel message")
+        _event_data(event, origin, f"<#{message.channel_id}>")
         for message in all_messages
         if message.interaction_id not in tracked_ids
         for event in recorder.message_events(message.id)
@@ -388,7 +389,57 @@ def _entry_lines(entry: Mapping[str, Any], bot_name: str) -> list[str]:
     return [heading + ":", "", *(f"  {line}" if line else "" for line in body)]
 
 
+def names_of(stand_in: DiscordStandIn) -> dict[str, dict[str, str]]:
+    """Who and what the stand-in's ids are, for `as_shown`."""
+    world = stand_in.world
+    return {
+        "users": {str(user_id): str(user.get("username")) for user_id, user in world.users.items()},
+        "channels": {
+            str(channel.id): str(channel.name) for channel in world.channels.values() if channel.name
+        },
+        "roles": {
+            str(role_id): name for guild in world.guilds.values() for role_id, name in guild.roles.items()
+        },
+    }
+
+
+MENTION = re.compile(r"<(@&|@!?|#)(\d+)>|<t:(-?\d+)(?::([tTdDfFR]))?>")
+
+
+def as_shown(text: str, names: Mapping[str, Mapping[str, str]], now: dt.datetime) -> str:
+    """Mentions and timestamps as a Discord client shows them: `@name`, `#channel`, a date or "in 1 day"."""
+
+    def shown(match: re.Match[str]) -> str:
+        kind, snowflake, epoch, style = match.groups()
+        if epoch is not None:
+            at = dt.datetime.fromtimestamp(int(epoch), dt.UTC)
+            return _relative(at, now) if style == "R" else at.strftime("%d %b %Y %H:%M UTC")
+        table = {"#": "channels", "@&": "roles"}.get(kind, "users")
+        name = names.get(table, {}).get(snowflake)
+        sigil = "#" if kind == "#" else "@"
+        return f"{sigil}{name}" if name else match.group(0)
+
+    return MENTION.sub(shown, text)
+
+
+def _relative(at: dt.datetime, now: dt.datetime) -> str:
+    seconds = (at - now).total_seconds()
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        count = round(abs(seconds) / size)
+        if count >= 1:
+            span = f"{count} {unit}{'s' if count != 1 else ''}"
+            return f"in {span}" if seconds > 0 else f"{span} ago"
+    return "just now"
+
+
 def render_markdown(data: Mapping[str, Any]) -> str:
+    names = data.get("names") or {}
+    now = dt.datetime.fromisoformat(str(data["recorded_at"]))
+    text = _render_markdown(data)
+    return as_shown(text, names, now) if names else text
+
+
+def _render_markdown(data: Mapping[str, Any]) -> str:
     bot_name = str(data.get("bot_name") or "The bot")
     lines = [f"# {data['title']}", ""]
     lines.append(
