@@ -41,6 +41,8 @@ MOD_CUSTOM_ID = "mod:{action}:{case_id}"
 APPEAL_CUSTOM_ID = "appeal:{ref}"
 BAN_REF = "ban"  # an appeal of the member's ban in this server, rather than of one blocked prompt
 BAN_HOURS = 24
+QUIET_SECONDS = 60.0  # one blocked-prompt entry per member per server per minute
+QUIET_MEMBERS_KEPT = 10_000
 APPEAL_LENGTH = 1000
 
 TITLES = {
@@ -103,6 +105,23 @@ class ModLog:
     def __init__(self, bot: DreamshaperBot) -> None:
         self.bot = bot
         self._posting: set[asyncio.Task[None]] = set()  # held: the loop keeps tasks only weakly
+        # (server, member) -> when their last blocked-prompt entry was posted, and how many were held since
+        self._quiet: dict[tuple[int | None, int], tuple[float, int]] = {}
+
+    def take_turn(self, guild_id: int | None, member_id: int) -> int | None:
+        """Whether a member's blocked prompt gets an entry: None while their last one is under
+        QUIET_SECONDS old (it is counted instead, so one member cannot flood the mod log), else how many
+        were held back since, for the entry to say."""
+        now = time.monotonic()
+        key = (guild_id, member_id)
+        last = self._quiet.get(key)
+        if last is not None and now - last[0] < QUIET_SECONDS:
+            self._quiet[key] = (last[0], last[1] + 1)
+            return None
+        if len(self._quiet) > QUIET_MEMBERS_KEPT:
+            self._quiet = {k: v for k, v in self._quiet.items() if now - v[0] < QUIET_SECONDS}
+        self._quiet[key] = (now, 0)
+        return 0 if last is None else last[1]
 
     def in_background(self, posting: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(posting)

@@ -7,7 +7,7 @@ import asyncio
 from devtools.fakes.discord.models import DEFAULT_MEMBER_PERMISSIONS
 from devtools.fakes.discord.server import InteractionHandle, StoredMessage
 from devtools.stack import BotStack
-from tests.conftest import StackFactory
+from tests.conftest import BLOCKED_WORD, StackFactory
 from tests.test_admin_e2e import (
     ADMIN,
     ADMIN_PERMISSIONS,
@@ -243,3 +243,64 @@ async def test_the_operators_mod_log_acts_for_servers_without_their_own(make_sta
     # The ban is in the server the prompt came from, not the one the mod log is in.
     assert await stack.bot.moderation.active_ban(OTHER_GUILD, MEMBER) is not None
     assert await stack.bot.moderation.active_ban(stack.discord.guild_id, MEMBER) is None
+
+
+async def test_a_moderator_deletes_a_reported_result(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    made = await stack.imagine(prompt="a lighthouse", user_id=MEMBER)
+    result = made.original
+    assert result is not None and result.attachments
+    await press(stack, result, "Report", user_id=REPORTERS[0], permissions=DEFAULT_MEMBER_PERMISSIONS)
+    report = await case_entry(stack, "Result reported")
+    assert fields_of(report)["Reported by"] == f"<@{REPORTERS[0]}>"
+    member_press = await press(
+        stack, report, "Delete result", user_id=REPORTERS[1], permissions=DEFAULT_MEMBER_PERMISSIONS
+    )
+    assert "Only moderators" in reply_of(member_press) and not result.deleted
+    await press(stack, report, "Delete result")
+    await stack.discord.wait_for(lambda: result.deleted, 10)
+    await stack.discord.wait_for(lambda: "Decision" in fields_of(report), 10)
+    assert fields_of(report)["Decision"].startswith(f"🗑️ Result deleted by <@{MODERATOR}>")
+
+
+async def test_segminds_content_blocks_count_as_strikes_and_reach_the_mod_log(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack()
+    await admin(stack, "strikes", blocks=2, hours=1)
+    first = await stack.imagine(prompt=f"a {BLOCKED_WORD} scene", user_id=MEMBER)
+    assert first.original is not None and "content filter" in first.original.content
+    entry = await case_entry(stack, "Segmind's content filter")
+    assert list(buttons(entry)) == ["Ban 24 h", "Dismiss"]
+    second = await stack.imagine(prompt=f"another {BLOCKED_WORD} scene", user_id=MEMBER)
+    assert (
+        second.original is not None
+        and "You may not use the bot in this server until" in second.original.content
+    )
+    assert await stack.bot.moderation.active_ban(stack.discord.guild_id, MEMBER) is not None
+
+
+async def test_running_out_of_credits_is_an_entry_for_the_operator(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    stack.segmind.inject("insufficient_credits", target="submit")
+    await stack.imagine(prompt="a cat", user_id=MEMBER)
+    entry = await case_entry(stack, "Segmind is out of credits")
+    assert list(buttons(entry)) == ["Dismiss"]
+    await press(stack, entry, "Dismiss")
+    await stack.discord.wait_for(lambda: "Decision" in fields_of(entry), 10)
+    assert fields_of(entry)["Decision"].startswith(f"👌 Dismissed by <@{MODERATOR}>")
+
+
+async def test_one_member_cannot_flood_the_mod_log_with_blocked_prompts(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    await admin(stack, "blocklist add", terms="kid")
+    for n in range(4):
+        refused = await stack.imagine(prompt=f"a kid, take {n}", user_id=MEMBER)
+        assert "rules don't allow" in reply_of(refused)  # every one refused, and counted
+    await stack.imagine(prompt="a kid as well", user_id=REPORTERS[0])
+    await case_entry(stack, "Prompt blocked", nth=1)
+    await asyncio.sleep(0.3)  # room for an entry that should not come
+    entries = [
+        m for m in stack.discord.messages.values() if m.embeds and "Prompt blocked" in m.embeds[0]["title"]
+    ]
+    assert sorted(fields_of(m)["Member"] for m in entries) == sorted([f"<@{MEMBER}>", f"<@{REPORTERS[0]}>"])
