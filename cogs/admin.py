@@ -30,9 +30,10 @@ MAX_BAN_HOURS = 24 * 365
 MAX_STRIKE_BLOCKS = 100
 MAX_DAILY_IMAGES = 100_000
 MAX_CONCURRENT_JOBS = 50
+AUTOMOD_READ_SECONDS = 2.0
 SCOPES = [
     app_commands.Choice(name="everywhere", value=Scope.EVERYWHERE.value),
-    app_commands.Choice(name="outside age-restricted channels", value=Scope.OUTSIDE_NSFW.value),
+    app_commands.Choice(name="outside-nsfw", value=Scope.OUTSIDE_NSFW.value),
 ]
 
 
@@ -72,8 +73,11 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
 
     @app_commands.command(name="settings", description="Everything this server has set, at a glance")
     async def settings(self, interaction: discord.Interaction[DreamshaperBot]) -> None:
-        settings = await self.moderation.settings(_guild_id(interaction))
-        await interaction.response.send_message(embed=self._settings_embed(settings), ephemeral=True)
+        guild_id = _guild_id(interaction)
+        settings = await self.moderation.settings(guild_id)
+        bans = await self.moderation.bans(guild_id)
+        embed = self._settings_embed(settings, banned=len(bans))
+        await interaction.response.send_message(embed=embed, ephemeral=True)
 
     @app_commands.command(name="modlog", description="Where the bot posts what moderators should see")
     @app_commands.describe(channel="The mod log channel for this server")
@@ -182,9 +186,14 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
         if enabled:
             # Read now, so an admin hears at once when the bot cannot (it needs Manage Server).
             try:
-                rules = await self.moderation.load_automod_rules(guild_id)
+                async with asyncio.timeout(AUTOMOD_READ_SECONDS):  # the answer is due within 3 s
+                    rules = await self.moderation.load_automod_rules(guild_id)
             except AutoModUnavailable as error:
                 raise render.Refusal(f"AutoMod rules can't be applied: {error}.") from None
+            except TimeoutError:
+                raise render.Refusal(
+                    "Discord did not send the AutoMod rules in time; please try again."
+                ) from None
             note = f" ({rules} rule(s) that block messages apply to prompts; members with Manage Server are exempt)"
         before, _ = await self.moderation.change(guild_id, lambda s: replace(s, automod=enabled))
         await self._log_and_reply(
@@ -278,7 +287,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
         first = today - timedelta(days=days - 1)
         rows = await self.bot.store.usage_between(guild_id, first.isoformat(), today.isoformat())
         report = summarise(rows, first, today)
-        title = f"Images per day, {first:%d %b} – {today:%d %b %Y} (UTC)"
+        title = f"Images per day, {first:%d %b} to {today:%d %b %Y} (UTC)"  # the default font has no dashes
         chart = await asyncio.to_thread(images_per_day_chart, report.images_per_day, title=title)
         embed = render.usage_embed(report, days=days, price=self.bot.config.segmind_price_per_gpu_second)
         embed.set_image(url="attachment://usage.png")
@@ -292,7 +301,8 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
         name="add", description="Block terms (comma-separated; word, prefix*, *suffix, *anywhere*)"
     )
     @app_commands.describe(
-        terms="Terms, comma-separated", scope="Where they are blocked (default everywhere)"
+        terms="Terms, comma-separated",
+        scope="everywhere (the default), or outside-nsfw: allowed in age-restricted channels",
     )
     @app_commands.choices(scope=SCOPES)
     async def blocklist_add(
@@ -357,13 +367,15 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
             modlog.post_text(f"{interaction.user.mention} {what}", guild_id=interaction.guild_id)
         )
 
-    def _settings_embed(self, settings: GuildSettings) -> discord.Embed:
+    def _settings_embed(self, settings: GuildSettings, *, banned: int) -> discord.Embed:
         defaults = self.bot.config
         embed = discord.Embed(title="This server's settings")
-        embed.add_field(
-            name="Images per member per day",
-            value=str(_or(settings.daily_images, defaults.quota_daily_images)),
+        daily = _or(settings.daily_images, defaults.quota_daily_images)
+        ceiling = defaults.quota_server_max_daily_images
+        capped = (
+            f" (capped at {ceiling} by the bot's operator)" if ceiling is not None and daily > ceiling else ""
         )
+        embed.add_field(name="Images per member per day", value=f"{daily}{capped}")
         embed.add_field(
             name="Jobs at once", value=str(_or(settings.max_concurrent, defaults.quota_max_concurrent))
         )
@@ -371,9 +383,10 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
             ", ".join(f"<@&{role}>: {_tier(daily)}" for role, daily in settings.role_tiers.items()) or "none"
         )
         embed.add_field(name="Role tiers", value=render.truncate(tiers, 1000), inline=False)
-        embed.add_field(name="Blocked terms", value=str(len(settings.blocked)))
+        embed.add_field(name="Blocked terms", value=f"{len(settings.blocked)} (/admin blocklist list)")
         embed.add_field(name="AutoMod rules applied", value="yes" if settings.automod else "no")
         embed.add_field(name="Strikes", value=_strikes(settings))
+        embed.add_field(name="Banned members", value=f"{banned} (/admin bans)")
         channel = settings.modlog_channel_id or defaults.mod_log_channel_id
         embed.add_field(name="Mod log", value=f"<#{channel}>" if channel else "not set")
         return embed

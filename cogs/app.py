@@ -331,6 +331,9 @@ class DreamshaperBot(commands.AutoShardedBot):
             raise AutoModUnavailable(f"Discord answered {error.status}") from None
         except aiohttp.ClientError as error:
             raise AutoModUnavailable(f"Discord could not be reached ({type(error).__name__})") from None
+        except (KeyError, TypeError, ValueError) as error:
+            # An answer discord.py could not read is Discord's problem, not every prompt's.
+            raise AutoModUnavailable(f"Discord's answer could not be read ({type(error).__name__})") from None
 
     @property
     def tree(self) -> DreamshaperTree:

@@ -27,7 +27,7 @@ import discord
 from cogs import render
 from cogs.answers import answer_failure, before_answering, refuse, send_ephemeral
 from cogs.intake import ban_refusal, start_job
-from cogs.modlog import Refused, send_refusal
+from cogs.modlog import DONE, Refused, send_refusal
 from services.jobs import JobError
 from services.moderation.cases import CaseKind, ModCase
 from services.request import GenerationRequest
@@ -222,7 +222,16 @@ class ReportButton(
                 reports = await bot.moderation.report(job.id, interaction.user.id)
                 if reports is not None:
                     await bot.moderation.open_case(case)
-                    hide = reports >= bot.config.reports_to_hide and await self._hides(interaction, case)
+                    current = await bot.moderation.case(case.id)
+                    decided = None if current is None else current.decision
+                    # Once per result, and not once a moderator decided on it (a restored result stays).
+                    hide = (
+                        decided is None
+                        and reports >= bot.config.reports_to_hide
+                        and await bot.moderation.open_case(
+                            replace(case, id=f"hidden-{job.id}", kind=CaseKind.HIDDEN)
+                        )
+                    )
             if reports is None:
                 await send_ephemeral(
                     interaction, "You have reported this result already; the moderators know."
@@ -230,7 +239,11 @@ class ReportButton(
                 return
             log.info("job %s: reported by %d (%d so far)", job.id, interaction.user.id, reports)
             fields = [("Reported by", f"<@{interaction.user.id}>"), ("Reports", f"{reports}"), _link(message)]
-            bot.modlog.in_background(bot.modlog.post_case(case, recorded=True, fields=fields))
+            if decided is not None:
+                fields.append(("Decided already", f"{DONE[decided.action]} by <@{decided.by_id}>"))
+            bot.modlog.in_background(
+                bot.modlog.post_case(case, recorded=True, fields=fields, buttons=decided is None)
+            )
             thanks = "🚩 Thank you: the moderators have been told."
             if not hide:
                 await send_ephemeral(interaction, thanks)
@@ -248,16 +261,6 @@ class ReportButton(
             except discord.HTTPException:
                 bot.modlog.in_background(bot.runner.hide_result(message.channel.id, message.id))
             await send_ephemeral(interaction, f"{thanks} The result is hidden until they look at it.")
-
-    @staticmethod
-    async def _hides(interaction: discord.Interaction[DreamshaperBot], case: ModCase) -> bool:
-        """Whether this report is the one that hides the result: once per result, and not once a
-        moderator has decided on it (a restored result stays shown)."""
-        moderation = interaction.client.moderation
-        current = await moderation.case(case.id)
-        if current is not None and current.decision is not None:
-            return False
-        return await moderation.open_case(replace(case, id=f"hidden-{case.job_id}", kind=CaseKind.HIDDEN))
 
 
 def _link(message: discord.Message) -> tuple[str, str]:

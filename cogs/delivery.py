@@ -23,6 +23,7 @@ from discord.ext import commands, tasks
 
 from cogs import render
 from cogs.buttons import RerollButton, result_view
+from cogs.modlog import BAN_REF, AppealButton
 from services.images import ImageDecodeError, PreparedImage, prepare_for_upload
 from services.jobs import (
     GeneratedImages,
@@ -589,12 +590,21 @@ class JobRunner(commands.Cog):
         reply = render.job_failure_reply(error)
         text = reply.text
         cause = error.cause
+        view: discord.ui.View | None = None
         if isinstance(cause, JobFailed) and cause.is_content_block:
-            ban = await self._content_blocked(error.job, error.request_id)
+            case, ban = await self._content_blocked(error.job, error.request_id)
             if ban is not None:
                 text = f"{text}\n{render.banned_reply(ban)}"
+            appeal = BAN_REF if ban is not None else None if case is None else case.id
+            if (
+                appeal is not None
+                and error.job.guild_id is not None
+                and await self.bot.modlog.channel_id(error.job.guild_id)
+            ):
+                view = discord.ui.View(timeout=None)
+                view.add_item(AppealButton(appeal))
         try:
-            await message.edit(content=text, embed=None, attachments=[], view=None)
+            await message.edit(content=text, embed=None, attachments=[], view=view)
         except (discord.HTTPException, TokenExpired):
             await self._tell_requester(error.job, f"<@{error.job.user_id}> {text}")
         if isinstance(cause, InsufficientCredits) and time.time() > self._credits_reported_until:
@@ -611,9 +621,12 @@ class JobRunner(commands.Cog):
             )
             await self.bot.modlog.post_case(credits)
 
-    async def _content_blocked(self, job: JobRecord, request_id: str | None) -> Ban | None:
-        """Segmind's filter refused the prompt: a mod-log entry (in the background), and a strike like a
-        blocked prompt's; the ban the strike earned, if it did."""
+    async def _content_blocked(
+        self, job: JobRecord, request_id: str | None
+    ) -> tuple[ModCase | None, Ban | None]:
+        """Segmind's filter refused the prompt: a mod-log entry (recorded now, so the member's Appeal finds
+        it, and posted in the background), and a strike like a blocked prompt's; the case (None when the
+        store could not take it), and the ban the strike earned, if it did."""
         case = ModCase(
             new_case_id(),
             CaseKind.CONTENT,
@@ -626,18 +639,20 @@ class JobRunner(commands.Cog):
             detail=f"`{request_id}`" if request_id else "",
         )
         modlog = self.bot.modlog
-        modlog.in_background(modlog.post_case(case))
-        if job.guild_id is None:
-            return None
         try:
-            ban = await self.bot.moderation.strike(job.guild_id, job.user_id)
+            await self.bot.moderation.open_case(case)
+            modlog.in_background(modlog.post_case(case, recorded=True))
+            ban = (
+                None if job.guild_id is None else await self.bot.moderation.strike(job.guild_id, job.user_id)
+            )
         except StoreUnavailable as error:
-            log.warning("job %s: the content block's strike was not counted: %s", job.id, error)
-            return None
+            log.warning("job %s: the content block was not recorded or counted: %s", job.id, error)
+            modlog.in_background(modlog.post_case(case))
+            return None, None
         if ban is not None:
             banned = f"⛔ <@{job.user_id}> was banned {render.ban_end(ban)}: {ban.reason}."
             modlog.in_background(modlog.post_text(banned, guild_id=job.guild_id))
-        return ban
+        return case, ban
 
     async def delete_result(self, channel_id: int, message_id: int) -> bool:
         """Deletes a posted result (for a moderator); False when it was gone already."""

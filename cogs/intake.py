@@ -178,11 +178,7 @@ async def _record_case(bot: DreamshaperBot, case: ModCase) -> str | None:
     the background; the id to appeal, or None when the store could not take it (the entry is posted all
     the same)."""
     held = bot.modlog.take_turn(case.guild_id, case.member_id or 0)
-    fields = (
-        [("Held back", f"{held} more blocked prompt(s) from this member in the minute before")]
-        if held
-        else []
-    )
+    fields = [("Held back", held)] if held else []
     try:
         await bot.moderation.open_case(case)
     except StoreUnavailable as error:

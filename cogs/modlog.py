@@ -105,23 +105,27 @@ class ModLog:
     def __init__(self, bot: DreamshaperBot) -> None:
         self.bot = bot
         self._posting: set[asyncio.Task[None]] = set()  # held: the loop keeps tasks only weakly
-        # (server, member) -> when their last blocked-prompt entry was posted, and how many were held since
-        self._quiet: dict[tuple[int | None, int], tuple[float, int]] = {}
+        # (server, member) -> when their last blocked-prompt entry was posted (monotonic, and epoch), and
+        # how many were held back since
+        self._quiet: dict[tuple[int | None, int], tuple[float, float, int]] = {}
 
-    def take_turn(self, guild_id: int | None, member_id: int) -> int | None:
+    def take_turn(self, guild_id: int | None, member_id: int) -> str | None:
         """Whether a member's blocked prompt gets an entry: None while their last one is under
-        QUIET_SECONDS old (it is counted instead, so one member cannot flood the mod log), else how many
-        were held back since, for the entry to say."""
+        QUIET_SECONDS old (it is counted instead, so one member cannot flood the mod log), else what the
+        entry says of those held back since the last one ("" for none)."""
         now = time.monotonic()
         key = (guild_id, member_id)
         last = self._quiet.get(key)
         if last is not None and now - last[0] < QUIET_SECONDS:
-            self._quiet[key] = (last[0], last[1] + 1)
+            self._quiet[key] = (last[0], last[1], last[2] + 1)
             return None
         if len(self._quiet) > QUIET_MEMBERS_KEPT:
-            self._quiet = {k: v for k, v in self._quiet.items() if now - v[0] < QUIET_SECONDS}
-        self._quiet[key] = (now, 0)
-        return 0 if last is None else last[1]
+            # Only the quiet ones go: a count still to be told is kept.
+            self._quiet = {k: v for k, v in self._quiet.items() if now - v[0] < QUIET_SECONDS or v[2]}
+        self._quiet[key] = (now, time.time(), 0)
+        if last is None or not last[2]:
+            return ""
+        return f"{last[2]} more blocked prompt(s) from this member since the entry of <t:{int(last[1])}:f>"
 
     def in_background(self, posting: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(posting)
@@ -139,11 +143,12 @@ class ModLog:
         recorded: bool = False,
         kind: CaseKind | None = None,
         fields: Sequence[tuple[str, str]] = (),
+        buttons: bool = True,
     ) -> None:
         """Records the case (unless `recorded`) and posts an entry for it: looking like `kind` (the case's
-        own by default) and with its buttons, plus `fields`. Without the store the entry is posted all the
-        same, without buttons, so the moderators still hear of it."""
-        buttons = True
+        own by default) and with its buttons (unless `buttons` is False: decided already), plus `fields`.
+        Without the store the entry is posted all the same, without buttons, so the moderators still hear
+        of it."""
         if not recorded:
             try:
                 await self.bot.moderation.open_case(case)
@@ -416,14 +421,8 @@ class RestoreButton(CaseButton, action=Action.RESTORE, label="Restore", style=di
 class LiftBanButton(CaseButton, action=Action.LIFT, label="Lift ban", style=discord.ButtonStyle.success):
     """Accepts an appeal: the appealed ban (if it still holds) and the member's strikes go, and they are told.
 
-    Lifting a ban is an admin's call (Manage Server, as for /admin unban), and it lifts the ban appealed
-    only: a newer ban set since is left for /admin unban.
+    It lifts the ban appealed only: a newer ban set since is left for /admin unban.
     """
-
-    needs = "Manage Server"
-
-    def permitted(self, permissions: discord.Permissions) -> bool:
-        return permissions.manage_guild
 
     async def act(self, interaction: discord.Interaction[DreamshaperBot], case: ModCase) -> str:
         if case.member_id is None or case.guild_id is None:
@@ -520,9 +519,12 @@ class AppealButton(
                     f"appeal-{guild_id}-{member}-{int(ban.created_at)}", about, "", ban_at=ban.created_at
                 )
             case = await moderation.case(self.ref)
-        if case is None or case.member_id != member:
+        if case is None:
             return "This can no longer be appealed."
-        return AppealForm(f"appeal-{case.id}", "a blocked prompt", case.text)
+        if case.member_id != member:
+            return "Only the member whose prompt it was can appeal it."
+        about = "a prompt Segmind's filter blocked" if case.kind is CaseKind.CONTENT else "a blocked prompt"
+        return AppealForm(f"appeal-{case.id}", about, case.text)
 
 
 class AppealForm(discord.ui.Modal, title="Appeal to the moderators"):

@@ -97,7 +97,7 @@ async def test_terms_are_listed_removed_and_shown_in_the_settings(make_stack: St
     settings = await admin(stack, "settings")
     assert settings.callback is not None and settings.is_ephemeral
     fields = {f["name"]: f["value"] for f in settings.callback.data["embeds"][0]["fields"]}
-    assert fields["Blocked terms"] == "1" and fields["Images per member per day"] == str(
+    assert fields["Blocked terms"] == "1 (/admin blocklist list)" and fields["Images per member per day"] == str(
         stack.bot.config.quota_daily_images
     )
     allowed = await stack.imagine(prompt="a kid flying a kite", user_id=MEMBER)

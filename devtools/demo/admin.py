@@ -100,7 +100,9 @@ async def _command(
     if user_id is not None:
         who["user_id"] = user_id
     handle = await stack.discord.send_slash_command(name, options, **who)
-    line = f"/{name} " + " ".join(f"{key}:{value}" for key, value in options.items())
+    # A channel option as the member picked it: by name (the transcript shows `<#id>` as #name).
+    shown = {key: f"<#{value}>" if key == "channel" else value for key, value in options.items()}
+    line = f"/{name} " + " ".join(f"{key}:{value}" for key, value in shown.items())
     recorder.track(f"/{name}", handle, action=f"used `{line}`", username=username, options=options)
     await _wait(stack, lambda: handle.callback is not None, f"/{name} got no answer")
     return handle

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from devtools.demo.transcript import (
     CALLBACK_NAMES,
     MessageEvent,
     TranscriptRecorder,
+    as_shown,
     build_transcript,
     button_labels,
     names_of,
@@ -188,6 +190,7 @@ class DemoRun:
     progress_texts: list[str] = field(default_factory=list)
     seed: str | None = None
     admin_summary: dict[str, str] = field(default_factory=dict)  # with --admin
+    names: dict[str, dict[str, str]] = field(default_factory=dict)  # the stand-in's ids, by name
 
     @property
     def origin(self) -> float:
@@ -404,6 +407,7 @@ def save_images(run: DemoRun) -> None:
 
 
 def write_transcripts(run: DemoRun, recorder: TranscriptRecorder, stand_in: DiscordStandIn) -> None:
+    run.names = names_of(stand_in)
     files = [image.file for image in run.images] + [TRANSCRIPT_MD, TRANSCRIPT_JSON]
     extra = {
         "bot_name": BOT_NAME,
@@ -416,7 +420,7 @@ def write_transcripts(run: DemoRun, recorder: TranscriptRecorder, stand_in: Disc
             "images": [vars(image) for image in run.images],
         },
         "files": files,
-        "names": names_of(stand_in),
+        "names": run.names,
     }
     data = build_transcript(recorder, stand_in, run.origin, extra)
     (run.out / TRANSCRIPT_JSON).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
@@ -435,7 +439,7 @@ def report(run: DemoRun) -> None:
     print()
     print(f"The bot answered /imagine offline in {elapsed:.1f} s (local Discord and Segmind stand-ins).")
     for name, value in run.summary.items():
-        print(f"  {name}: {value}")
+        print(f"  {name}: {as_shown(value, run.names, datetime.now(UTC))}")
     if run.progress_texts:
         print("  progress shown: " + " → ".join(run.progress_texts))
     print(f"Wrote to {shown_path(run.out)}")

@@ -339,7 +339,7 @@ def _embed_lines(embed: Mapping[str, Any]) -> list[str]:
         body.extend(f"- **{f.get('name', '')}**: {f.get('value', '')}" for f in fields)
     footer = (embed.get("footer") or {}).get("text")
     if footer:
-        body.extend(["", f"_{footer}_"])
+        body.extend(["", f"— {footer}"])
     lines.extend(_quoted("\n".join(body)))
     return lines
 

@@ -28,7 +28,8 @@ def images_per_day_chart(days: Sequence[tuple[date, int]], *, title: str) -> byt
     plot_width = WIDTH - MARGIN_LEFT - MARGIN_RIGHT
     plot_height = HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
     base = HEIGHT - MARGIN_BOTTOM
-    for fraction in (0.0, 0.5, 1.0):
+    # A middle line only where it has a whole number of its own to show.
+    for fraction in (0.0, 0.5, 1.0) if top >= 2 else (0.0, 1.0):
         y = base - round(plot_height * fraction)
         draw.line((MARGIN_LEFT, y, WIDTH - MARGIN_RIGHT, y), fill=GRID)
         draw.text((8, y - 6), f"{round(top * fraction)}", fill=TEXT, font=font)
@@ -41,8 +42,13 @@ def images_per_day_chart(days: Sequence[tuple[date, int]], *, title: str) -> byt
             height = 0 if top == 0 else round(plot_height * count / top)
             if height:
                 draw.rectangle((left, base - height, left + bar, base), fill=BAR)
-            if index % label_every == 0 or index == len(shown) - 1:
-                draw.text((left, base + 8), day.strftime("%d %b"), fill=TEXT, font=font)
+            last = index == len(shown) - 1
+            # The last day is always named; the regular label before it gives way when they would touch.
+            crowded = not last and len(shown) - 1 - index < label_every / 2
+            if (index % label_every == 0 and not crowded) or last:
+                label = day.strftime("%d %b")
+                x = min(left, WIDTH - MARGIN_RIGHT - draw.textlength(label, font=font))
+                draw.text((x, base + 8), label, fill=TEXT, font=font)
     out = io.BytesIO()
     image.save(out, format="PNG", optimize=True)
     return out.getvalue()

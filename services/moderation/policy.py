@@ -22,6 +22,9 @@ SETTINGS_CACHE_SECONDS = 5.0
 # an answer allows); rules that could not be read are asked for again after AUTOMOD_RETRY_SECONDS.
 AUTOMOD_FETCH_SECONDS = 0.8
 AUTOMOD_RETRY_SECONDS = 60.0
+# Rules older than this are read again in the background (still applied meanwhile): gateway events keep
+# them fresh while they arrive, and this catches what a lost session or a lost permission missed.
+AUTOMOD_REFRESH_SECONDS = 600.0
 
 RulesFetcher = Callable[[int], Awaitable[list[Mapping[str, Any]]]]
 
@@ -63,6 +66,8 @@ class Moderation:
         self._store = store
         self._fetch_automod_rules = fetch_automod_rules
         self._automod_failed: dict[int, float] = {}  # server -> when its rules last could not be read
+        self._automod_read_at: dict[int, float] = {}  # server -> when its rules were last read
+        self._refreshing: dict[int, asyncio.Task[None]] = {}
         self._clock = clock
         self._cache_seconds = cache_seconds
         self._settings: dict[int, tuple[float, GuildSettings]] = {}
@@ -114,6 +119,7 @@ class Moderation:
         payloads = await self._fetch_automod_rules(guild_id)
         rules = [rule for payload in payloads if (rule := AutoModRule.from_payload(payload)) is not None]
         self.set_automod_rules(guild_id, rules)
+        self._automod_read_at[guild_id] = time.monotonic()
         self._automod_failed.pop(guild_id, None)
         return len(rules)
 
@@ -122,6 +128,11 @@ class Moderation:
         that cannot be read apply as none: a Discord outage must not stop every prompt (logged)."""
         rules = self._automod.get(guild_id)
         if rules is not None:
+            read_at = self._automod_read_at.get(guild_id, 0.0)
+            if time.monotonic() - read_at > AUTOMOD_REFRESH_SECONDS and guild_id not in self._refreshing:
+                task = asyncio.create_task(self._refresh_automod_rules(guild_id))
+                self._refreshing[guild_id] = task
+                task.add_done_callback(lambda _done: self._refreshing.pop(guild_id, None))
             return rules.values()
         failed_at = self._automod_failed.get(guild_id)
         if failed_at is not None and time.monotonic() - failed_at < AUTOMOD_RETRY_SECONDS:
@@ -138,6 +149,14 @@ class Moderation:
             )
             return ()
         return self._automod.get(guild_id, {}).values()
+
+    async def _refresh_automod_rules(self, guild_id: int) -> None:
+        try:
+            await self.load_automod_rules(guild_id)
+        except AutoModUnavailable as error:
+            # Tried again after another AUTOMOD_REFRESH_SECONDS; the rules last read still apply.
+            self._automod_read_at[guild_id] = time.monotonic()
+            log.warning("server %d: its AutoMod rules could not be read again (%s)", guild_id, error)
 
     def set_automod_rules(self, guild_id: int, rules: Iterable[AutoModRule]) -> None:
         self._automod[guild_id] = {rule.id: rule for rule in rules}
