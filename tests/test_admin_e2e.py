@@ -97,9 +97,9 @@ async def test_terms_are_listed_removed_and_shown_in_the_settings(make_stack: St
     settings = await admin(stack, "settings")
     assert settings.callback is not None and settings.is_ephemeral
     fields = {f["name"]: f["value"] for f in settings.callback.data["embeds"][0]["fields"]}
-    assert fields["Blocked terms"] == "1 (/admin blocklist list)" and fields["Images per member per day"] == str(
-        stack.bot.config.quota_daily_images
-    )
+    assert fields["Blocked terms"] == "1 (/admin blocklist list)" and fields[
+        "Images per member per day"
+    ] == str(stack.bot.config.quota_daily_images)
     allowed = await stack.imagine(prompt="a kid flying a kite", user_id=MEMBER)
     assert allowed.original is not None and allowed.original.attachments
 
@@ -415,3 +415,29 @@ async def test_the_servers_automod_rules_apply_to_prompts_and_stay_fresh(make_st
     assert delivered(answer)
     reads = [r for r in stack.discord.requests if r.route == "automod_rules"]
     assert len(reads) == 2  # the refused attempt and the one that turned it on; events did the rest
+
+
+async def test_automod_exempt_roles_and_channels_hold_for_prompts(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    stack.discord.set_bot_permissions(BOT_ROLE_PERMISSIONS | MANAGE_GUILD)
+    stack.discord.add_role(ARTISTS_ROLE, "artists")
+    stack.discord.add_channel(NSFW_CHANNEL, name="staff")
+    stack.discord.add_thread(NSFW_THREAD, NSFW_CHANNEL)
+    stack.discord.put_automod_rule(
+        {
+            "name": "No cats",
+            "trigger_metadata": {
+                "keyword_filter": ["cat"],
+                "regex_patterns": [r"\bdogg+o\b"],
+                "allow_list": [],
+            },
+            "exempt_roles": [str(ARTISTS_ROLE)],
+            "exempt_channels": [str(NSFW_CHANNEL)],
+        }
+    )
+    await admin(stack, "automod", enabled=True)
+    assert "rules don't allow" in reply_of(await stack.imagine(prompt="a cat", user_id=MEMBER))
+    assert "rules don't allow" in reply_of(await stack.imagine(prompt="a cute doggggo", user_id=MEMBER))
+    assert delivered(await stack.imagine(prompt="a cat", user_id=ARTIST, roles=[ARTISTS_ROLE]))
+    assert delivered(await imagine_in(stack, NSFW_CHANNEL, "a cat", user_id=MEMBER))
+    assert delivered(await imagine_in(stack, NSFW_THREAD, "a cat", user_id=MEMBER))  # its parent is exempt

@@ -93,7 +93,8 @@ async def test_settings_cases_and_bans_are_shared_by_the_shard_processes(
 ) -> None:
     discord = bot_processes.discord
     # The first server's channel is the operator's mod log: its entries speak for the second server too.
-    await start_two_shards(bot_processes, tmp_path, MOD_LOG_CHANNEL_ID=str(discord.channel_id))
+    env = {"MOD_LOG_CHANNEL_ID": str(discord.channel_id)}
+    database, (_first, second_process) = await start_two_shards(bot_processes, tmp_path, **env)
     second = {"guild_id": SECOND_GUILD_ID, "channel_id": SECOND_CHANNEL_ID}
     added = await discord.send_slash_command(
         "admin blocklist add", {"terms": "kid"}, user_id=MODERATOR, permissions=MANAGE_GUILD, **second
@@ -126,4 +127,19 @@ async def test_settings_cases_and_bans_are_shared_by_the_shard_processes(
     assert banned.callback is not None and banned.callback.type == 4
     assert "You may not use the bot in this server until" in str(banned.callback.data.get("content"))
     assert {added.guild_id, refused.guild_id} == {SECOND_GUILD_ID} and pressed.guild_id == discord.guild_id
+
+    # The second server's shard moves to a new process: its settings and bans are where it left them.
+    second_process.kill()  # type: ignore[attr-defined]
+    common = {"SHARD_COUNT": "2", "DISCORD_GUILD_IDS": f"{discord.guild_id},{SECOND_GUILD_ID}", **env}
+    await bot_processes.start(database, ready_count=3, SHARD_IDS="1", **common)
+    still_banned = await discord.send_slash_command(
+        "imagine", {"prompt": "a lighthouse"}, user_id=USER, **second
+    )
+    await discord.wait_for(lambda: still_banned.callback is not None, timeout=10)
+    assert "You may not use the bot" in str(still_banned.callback.data.get("content"))  # type: ignore[union-attr]
+    blocked = await discord.send_slash_command(
+        "imagine", {"prompt": "a k1d"}, user_id=MODERATOR + 1, **second
+    )
+    await discord.wait_for(lambda: blocked.callback is not None, timeout=10)
+    assert "rules don't allow" in str(blocked.callback.data.get("content"))  # type: ignore[union-attr]
     assert bot_processes.segmind.stats.submits == []
