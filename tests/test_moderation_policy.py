@@ -148,3 +148,21 @@ async def test_rules_are_read_from_discord_once_and_a_failure_lets_prompts_throu
         GUILD, "a cat", age_restricted=False, role_ids=[], channel_ids=[CHANNEL], automod_exempt=True
     )
     assert exempt is None
+
+
+async def test_a_burst_of_commands_in_one_server_reads_its_settings_once(backend: Backend) -> None:
+    store = await backend.open()
+    moderation = Moderation(store)
+    await moderation.change(GUILD, blocking("kid"))
+    moderation = Moderation(store)  # a fresh process: nothing cached
+    reads = 0
+    read = store.get_guild_settings
+
+    async def counted(guild_id: int) -> str | None:
+        nonlocal reads
+        reads += 1
+        return await read(guild_id)
+
+    store.get_guild_settings = counted  # type: ignore[method-assign]
+    blocks = await asyncio.gather(*(check(moderation, "a kid") for _ in range(200)))
+    assert all(block is not None for block in blocks) and reads == 1

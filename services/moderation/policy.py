@@ -67,6 +67,7 @@ class Moderation:
         self._fetch_automod_rules = fetch_automod_rules
         self._automod_failed: dict[int, float] = {}  # server -> when its rules last could not be read
         self._automod_read_at: dict[int, float] = {}  # server -> when its rules were last read
+        self._reading: dict[int, asyncio.Future[GuildSettings]] = {}  # settings reads under way
         self._refreshing: dict[int, asyncio.Task[None]] = {}
         self._clock = clock
         self._cache_seconds = cache_seconds
@@ -81,6 +82,17 @@ class Moderation:
         now = time.monotonic()
         if cached is not None and now - cached[0] < self._cache_seconds:
             return cached[1]
+        # A burst of commands in one server waits for one read, not a read each.
+        reading = self._reading.get(guild_id)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read_settings(guild_id, cached, now))
+            self._reading[guild_id] = reading
+            reading.add_done_callback(lambda _done: self._reading.pop(guild_id, None))
+        return await asyncio.shield(reading)
+
+    async def _read_settings(
+        self, guild_id: int, cached: tuple[float, GuildSettings] | None, now: float
+    ) -> GuildSettings:
         stored = await self._store.get_guild_settings(guild_id)
         if cached is not None and self._texts.get(guild_id) == stored:
             settings = cached[1]  # unchanged: its compiled blocklist is kept too
