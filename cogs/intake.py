@@ -177,17 +177,13 @@ async def _record_case(bot: DreamshaperBot, case: ModCase) -> str | None:
     """Records the case before the member is answered, so their Appeal finds it, and posts its entry in
     the background; the id to appeal, or None when the store could not take it (the entry is posted all
     the same)."""
-    held = bot.modlog.take_turn(case.guild_id, case.member_id or 0)
-    fields = [("Held back", held)] if held else []
     try:
         await bot.moderation.open_case(case)
     except StoreUnavailable as error:
         log.warning("case %s: not recorded (%s)", case.id, error)
-        if held is not None:
-            bot.modlog.in_background(bot.modlog.post_case(case, fields=fields))
+        bot.modlog.post_blocked(case, recorded=False)
         return None
-    if held is not None:
-        bot.modlog.in_background(bot.modlog.post_case(case, recorded=True, fields=fields))
+    bot.modlog.post_blocked(case, recorded=True)
     return case.id
 
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from re import Match
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -29,6 +29,7 @@ from services.moderation.cases import (
     CaseKind,
     Decision,
     ModCase,
+    new_case_id,
 )
 from services.store.guarded import StoreUnavailable
 
@@ -41,8 +42,19 @@ MOD_CUSTOM_ID = "mod:{action}:{case_id}"
 APPEAL_CUSTOM_ID = "appeal:{ref}"
 BAN_REF = "ban"  # an appeal of the member's ban in this server, rather than of one blocked prompt
 BAN_HOURS = 24
-QUIET_SECONDS = 60.0  # one blocked-prompt entry per member per server per minute
 QUIET_MEMBERS_KEPT = 10_000
+DIGEST_PROMPTS = 20  # prompts listed in one digest entry; the rest are counted
+
+
+@dataclass
+class _Quiet:
+    """A member's minute since their last blocked-prompt entry, and what was blocked meanwhile."""
+
+    since: float
+    held: list[ModCase] = field(default_factory=list)
+    digest: asyncio.Task[None] | None = None
+
+
 APPEAL_LENGTH = 1000
 
 TITLES = {
@@ -105,27 +117,48 @@ class ModLog:
     def __init__(self, bot: DreamshaperBot) -> None:
         self.bot = bot
         self._posting: set[asyncio.Task[None]] = set()  # held: the loop keeps tasks only weakly
-        # (server, member) -> when their last blocked-prompt entry was posted (monotonic, and epoch), and
-        # how many were held back since
-        self._quiet: dict[tuple[int | None, int], tuple[float, float, int]] = {}
+        self._quiet: dict[tuple[int | None, int], _Quiet] = {}  # (server, member) -> their quiet time
+        self.quiet_seconds = bot.config.mod_log_quiet_seconds
 
-    def take_turn(self, guild_id: int | None, member_id: int) -> str | None:
-        """Whether a member's blocked prompt gets an entry: None while their last one is under
-        QUIET_SECONDS old (it is counted instead, so one member cannot flood the mod log), else what the
-        entry says of those held back since the last one ("" for none)."""
+    def post_blocked(self, case: ModCase, *, recorded: bool) -> None:
+        """A blocked prompt's entry, in the background. One member gets one entry per server per
+        MOD_LOG_QUIET_SECONDS, so a member cannot flood the mod log: the prompts blocked in between are
+        posted together, in one entry, when that time is over."""
+        key = (case.guild_id, case.member_id or 0)
         now = time.monotonic()
-        key = (guild_id, member_id)
-        last = self._quiet.get(key)
-        if last is not None and now - last[0] < QUIET_SECONDS:
-            self._quiet[key] = (last[0], last[1], last[2] + 1)
-            return None
+        quiet = self._quiet.get(key)
+        if quiet is not None and now - quiet.since < self.quiet_seconds:
+            quiet.held.append(case)
+            if quiet.digest is None:
+                quiet.digest = asyncio.create_task(
+                    self._post_digest(key, self.quiet_seconds - (now - quiet.since))
+                )
+            return
         if len(self._quiet) > QUIET_MEMBERS_KEPT:
-            # Only the quiet ones go: a count still to be told is kept.
-            self._quiet = {k: v for k, v in self._quiet.items() if now - v[0] < QUIET_SECONDS or v[2]}
-        self._quiet[key] = (now, time.time(), 0)
-        if last is None or not last[2]:
-            return ""
-        return f"{last[2]} more blocked prompt(s) from this member since the entry of <t:{int(last[1])}:f>"
+            self._quiet = {
+                k: v for k, v in self._quiet.items() if now - v.since < self.quiet_seconds or v.held
+            }
+        self._quiet[key] = _Quiet(now)
+        self.in_background(self.post_case(case, recorded=recorded))
+
+    async def _post_digest(self, key: tuple[int | None, int], delay: float) -> None:
+        await asyncio.sleep(delay)
+        quiet = self._quiet[key]
+        held, quiet.held, quiet.digest = quiet.held, [], None
+        quiet.since = time.monotonic()  # the digest is this minute's entry
+        first = held[0]
+        prompts = "\n".join(f"{number}. {case.text}" for number, case in enumerate(held[:DIGEST_PROMPTS], 1))
+        more = f"\n… and {len(held) - DIGEST_PROMPTS} more" if len(held) > DIGEST_PROMPTS else ""
+        digest = replace(
+            first,
+            id=new_case_id(),
+            created_at=time.time(),
+            text=prompts + more,
+            detail=", ".join(dict.fromkeys(case.detail for case in held)),
+        )
+        channels = " ".join(dict.fromkeys(f"<#{case.channel_id}>" for case in held if case.channel_id))
+        fields = [("Blocked since the last entry", f"{len(held)} prompt(s) in {channels}")]
+        await self.post_case(digest, fields=fields)
 
     def in_background(self, posting: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(posting)

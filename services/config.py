@@ -61,6 +61,8 @@ class Config:
     # No server's rules apply in a direct message, so /imagine is off there unless an operator turns it on.
     allow_direct_messages: bool = False
     reports_to_hide: int = 3  # distinct members' reports that hide a result until a moderator looks
+    # One blocked-prompt entry per member per server within this time; those in between come in one digest.
+    mod_log_quiet_seconds: float = 60.0
     credits_cooloff_seconds: float = 600.0
     rate_limit_max_wait_seconds: float = 120.0
     job_lease_seconds: float = 30.0
@@ -104,6 +106,9 @@ class Config:
             "mod_log_channel_id": reader.get("MOD_LOG_CHANNEL_ID", _snowflake, None),
             "allow_direct_messages": reader.get("ALLOW_DIRECT_MESSAGES", _boolean, False),
             "reports_to_hide": reader.get("REPORTS_TO_HIDE", _int_at_least(1), cls.reports_to_hide),
+            "mod_log_quiet_seconds": reader.get(
+                "MOD_LOG_QUIET_SECONDS", _positive_float, cls.mod_log_quiet_seconds
+            ),
             "credits_cooloff_seconds": reader.get(
                 "CREDITS_COOLOFF_SECONDS", _positive_float, cls.credits_cooloff_seconds
             ),

@@ -303,15 +303,27 @@ async def test_running_out_of_credits_is_an_entry_for_the_operator(make_stack: S
 
 
 async def test_one_member_cannot_flood_the_mod_log_with_blocked_prompts(make_stack: StackFactory) -> None:
-    stack = await make_stack()
-    await admin(stack, "blocklist add", terms="kid")
-    for n in range(4):
-        refused = await stack.imagine(prompt=f"a kid, take {n}", user_id=MEMBER)
+    stack = await make_stack(MOD_LOG_QUIET_SECONDS="1.5")
+    await admin(stack, "blocklist add", terms="kid, gore*")
+    for prompt in ("a kid", "a kid again", "gore fest", "a kid once more"):
+        refused = await stack.imagine(prompt=prompt, user_id=MEMBER)
         assert "rules don't allow" in reply_of(refused)  # every one refused, and counted
     await stack.imagine(prompt="a kid as well", user_id=REPORTERS[0])
-    await case_entry(stack, "Prompt blocked", nth=1)
-    await asyncio.sleep(0.3)  # room for an entry that should not come
+    first, other = await case_entry(stack, "Prompt blocked"), await case_entry(stack, "Prompt blocked", nth=1)
+    assert {fields_of(first)["Member"], fields_of(other)["Member"]} == {f"<@{MEMBER}>", f"<@{REPORTERS[0]}>"}
+    # The three held back arrive together once the member's quiet time is over, terms and all.
+    digest = await case_entry(stack, "Prompt blocked", nth=2)
+    description = digest.embeds[0]["description"]
+    assert (
+        "1. a kid again" in description
+        and "2. gore fest" in description
+        and "3. a kid once more" in description
+    )
+    assert "`kid`" in fields_of(digest)["Matched"] and "`gore*`" in fields_of(digest)["Matched"]
+    assert fields_of(digest)["Blocked since the last entry"].startswith("3 prompt(s) in <#")
+    assert list(buttons(digest)) == ["Ban 24 h", "Dismiss"]
+    await asyncio.sleep(2.0)
     entries = [
         m for m in stack.discord.messages.values() if m.embeds and "Prompt blocked" in m.embeds[0]["title"]
     ]
-    assert sorted(fields_of(m)["Member"] for m in entries) == sorted([f"<@{MEMBER}>", f"<@{REPORTERS[0]}>"])
+    assert len(entries) == 3
