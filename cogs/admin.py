@@ -363,7 +363,7 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Set up the
             render.truncate(f"Done: {what}{note}.", render.MESSAGE_LIMIT), ephemeral=True
         )
         modlog = self.bot.modlog
-        modlog.in_background(
+        self.bot.in_background(
             modlog.post_text(f"{interaction.user.mention} {what}", guild_id=interaction.guild_id)
         )
 

@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any, cast
 
 import aiohttp
@@ -315,6 +315,13 @@ class DreamshaperBot(commands.AutoShardedBot):
         self.watchdog.on_tick = self.segmind.in_flight.adapt
         self.accepting_jobs = True
         self._shutdown: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()  # held: the loop keeps tasks only weakly
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Runs work a member's answer must not wait for (a mod-log post, an undo, a count)."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _fetch_automod_rules(self, guild_id: int) -> list[Mapping[str, Any]]:
         """A server's AutoMod rules as Discord has them (the bot needs Manage Server to read them)."""
@@ -330,10 +337,13 @@ class DreamshaperBot(commands.AutoShardedBot):
         except discord.HTTPException as error:
             raise AutoModUnavailable(f"Discord answered {error.status}") from None
         except aiohttp.ClientError as error:
-            raise AutoModUnavailable(f"Discord could not be reached ({type(error).__name__})") from None
+            # The admin is told in words; the exception's name goes to the log only.
+            log.warning("server %d: AutoMod rules: %s", guild_id, type(error).__name__)
+            raise AutoModUnavailable("Discord could not be reached") from None
         except (KeyError, TypeError, ValueError) as error:
             # An answer discord.py could not read is Discord's problem, not every prompt's.
-            raise AutoModUnavailable(f"Discord's answer could not be read ({type(error).__name__})") from None
+            log.warning("server %d: AutoMod rules: unreadable answer (%s)", guild_id, error)
+            raise AutoModUnavailable("Discord's answer could not be read") from None
 
     @property
     def tree(self) -> DreamshaperTree:

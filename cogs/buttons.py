@@ -241,7 +241,7 @@ class ReportButton(
             fields = [("Reported by", f"<@{interaction.user.id}>"), ("Reports", f"{reports}"), _link(message)]
             if decided is not None:
                 fields.append(("Decided already", f"{DONE[decided.action]} by <@{decided.by_id}>"))
-            bot.modlog.in_background(
+            bot.in_background(
                 bot.modlog.post_case(case, recorded=True, fields=fields, buttons=decided is None)
             )
             thanks = "🚩 Thank you: the moderators have been told."
@@ -250,16 +250,14 @@ class ReportButton(
                 return
             log.info("job %s: hidden after %d reports", job.id, reports)
             hidden = [("Reports", f"{reports} members"), _link(message)]
-            bot.modlog.in_background(
-                bot.modlog.post_case(case, recorded=True, kind=CaseKind.HIDDEN, fields=hidden)
-            )
+            bot.in_background(bot.modlog.post_case(case, recorded=True, kind=CaseKind.HIDDEN, fields=hidden))
             try:
                 # The press came from the result's own message: this answer is the edit that hides it.
                 await interaction.response.edit_message(
                     content=render.HIDDEN_RESULT, embed=None, attachments=[], view=None
                 )
             except discord.HTTPException:
-                bot.modlog.in_background(bot.runner.hide_result(message.channel.id, message.id))
+                bot.in_background(bot.runner.hide_result(message.channel.id, message.id))
             await send_ephemeral(interaction, f"{thanks} The result is hidden until they look at it.")
 
 

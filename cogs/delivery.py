@@ -641,17 +641,17 @@ class JobRunner(commands.Cog):
         modlog = self.bot.modlog
         try:
             await self.bot.moderation.open_case(case)
-            modlog.in_background(modlog.post_case(case, recorded=True))
+            self.bot.in_background(modlog.post_case(case, recorded=True))
             ban = (
                 None if job.guild_id is None else await self.bot.moderation.strike(job.guild_id, job.user_id)
             )
         except StoreUnavailable as error:
             log.warning("job %s: the content block was not recorded or counted: %s", job.id, error)
-            modlog.in_background(modlog.post_case(case))
+            self.bot.in_background(modlog.post_case(case))
             return None, None
         if ban is not None:
             banned = f"⛔ <@{job.user_id}> was banned {render.ban_end(ban)}: {ban.reason}."
-            modlog.in_background(modlog.post_text(banned, guild_id=job.guild_id))
+            self.bot.in_background(modlog.post_text(banned, guild_id=job.guild_id))
         return case, ban
 
     async def delete_result(self, channel_id: int, message_id: int) -> bool:

@@ -9,7 +9,6 @@ belongs to the job runner, in this process or whichever one resumes it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -28,9 +27,6 @@ if TYPE_CHECKING:
     from cogs.app import DreamshaperBot
 
 log = logging.getLogger(__name__)
-
-# The event loop holds tasks only weakly; these withdrawals must not be collected before they run.
-_background: set[asyncio.Task[None]] = set()
 
 
 async def start_job(
@@ -84,7 +80,7 @@ async def _record_job(
                 return Refused(render.blocked_prompt_reply(), appeal=appeal)
             modlog = bot.modlog
             banned = f"⛔ <@{interaction.user.id}> was banned {render.ban_end(ban)}: {ban.reason}."
-            modlog.in_background(modlog.post_text(banned, guild_id=interaction.guild_id))
+            bot.in_background(modlog.post_text(banned, guild_id=interaction.guild_id))
             return Refused(f"{render.blocked_prompt_reply()}\n{render.banned_reply(ban)}", appeal=BAN_REF)
     # Read from the store at most once a second, however many commands arrive (the store's flag cache).
     if await bot.jobs.credits_exhausted_until():
@@ -116,9 +112,7 @@ async def _record_job(
     except BaseException:
         # The step may still land after its caller gave up: it is undone in the background, so the
         # member's answer is not held up by the store that just failed.
-        withdrawal = asyncio.create_task(_withdraw(bot, job))
-        _background.add(withdrawal)
-        withdrawal.add_done_callback(_background.discard)
+        bot.in_background(_withdraw(bot, job))
         raise
     if isinstance(outcome, QuotaRefusal):
         return render.quota_refusal_reply(outcome, request.samples)
@@ -169,7 +163,7 @@ async def _blocked(
         text=prompt,
         detail=f"`{block.matched}` ({source})",
     )
-    bot.modlog.in_background(bot.jobs.count_usage(guild_id, interaction.user.id, UsageCounts(blocked=1)))
+    bot.in_background(bot.jobs.count_usage(guild_id, interaction.user.id, UsageCounts(blocked=1)))
     return case
 
 

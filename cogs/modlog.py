@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from re import Match
 from typing import TYPE_CHECKING, Any, ClassVar, Self
@@ -111,12 +111,11 @@ class ModLog:
     """Where the bot tells a server's moderators what needs them.
 
     The channel is the server's own (`/admin modlog`), else `MOD_LOG_CHANNEL_ID`. Posting never holds up a
-    member's answer: callers post in the background (`in_background`), and a post that fails is logged.
+    member's answer: callers post in the background (`bot.in_background`), and a post that fails is logged.
     """
 
     def __init__(self, bot: DreamshaperBot) -> None:
         self.bot = bot
-        self._posting: set[asyncio.Task[None]] = set()  # held: the loop keeps tasks only weakly
         self._quiet: dict[tuple[int | None, int], _Quiet] = {}  # (server, member) -> their quiet time
         self.quiet_seconds = bot.config.mod_log_quiet_seconds
 
@@ -139,7 +138,7 @@ class ModLog:
                 k: v for k, v in self._quiet.items() if now - v.since < self.quiet_seconds or v.held
             }
         self._quiet[key] = _Quiet(now)
-        self.in_background(self.post_case(case, recorded=recorded))
+        self.bot.in_background(self.post_case(case, recorded=recorded))
 
     async def _post_digest(self, key: tuple[int | None, int], delay: float) -> None:
         await asyncio.sleep(delay)
@@ -159,11 +158,6 @@ class ModLog:
         channels = " ".join(dict.fromkeys(f"<#{case.channel_id}>" for case in held if case.channel_id))
         fields = [("Blocked since the last entry", f"{len(held)} prompt(s) in {channels}")]
         await self.post_case(digest, fields=fields)
-
-    def in_background(self, posting: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(posting)
-        self._posting.add(task)
-        task.add_done_callback(self._posting.discard)
 
     async def post_text(self, text: str, *, guild_id: int | None = None) -> None:
         """A line for the record (an admin's change, an automatic ban): nothing to act on."""
@@ -318,17 +312,14 @@ class CaseButton(
             button.case = await interaction.client.moderation.case(button.case_id)
         return button
 
-    # Who may press: Manage Messages, like deleting a member's message.
-    needs = "Manage Messages"
-
-    def permitted(self, permissions: discord.Permissions) -> bool:
-        return permissions.manage_messages
-
     async def interaction_check(self, interaction: discord.Interaction[DreamshaperBot], /) -> bool:
         if self.answered:
             return False
-        if not self.permitted(interaction.permissions):
-            return await refuse(interaction, f"Only moderators ({self.needs}) can {self.label.lower()} here.")
+        # Manage Messages, as for deleting a member's message.
+        if not interaction.permissions.manage_messages:
+            return await refuse(
+                interaction, f"Only moderators (Manage Messages) can {self.label.lower()} here."
+            )
         case = self.case
         if case is None:
             return await refuse(interaction, "This entry is too old to act on; its case is no longer kept.")
@@ -360,7 +351,7 @@ class CaseButton(
                 stood = await bot.moderation.decide(case.id, mine)
         except StoreUnavailable:
             # The decision may have landed all the same: it is taken back, so the case stays open.
-            bot.modlog.in_background(_take_back(bot, case.id, mine))
+            bot.in_background(_take_back(bot, case.id, mine))
             await _answer(interaction, f"❌ {render.store_unavailable_reply().text}")
             return
         if stood is None:
@@ -374,7 +365,7 @@ class CaseButton(
             await interaction.response.defer()
             note = await self.act(interaction, case)
         except BaseException as error:
-            bot.modlog.in_background(_take_back(bot, case.id, mine))
+            bot.in_background(_take_back(bot, case.id, mine))
             if not isinstance(error, Exception):
                 raise
             if isinstance(error, ActionFailed):
@@ -600,7 +591,7 @@ class AppealForm(discord.ui.Modal, title="Appeal to the moderators"):
             interaction,
             "📨 Your appeal was sent to the moderators. They answer by direct message where they can.",
         )
-        bot.modlog.in_background(bot.modlog.post_case(case, recorded=True))
+        bot.in_background(bot.modlog.post_case(case, recorded=True))
 
     async def on_error(self, interaction: discord.Interaction[DreamshaperBot], error: Exception, /) -> None:  # type: ignore[override]
         if isinstance(error, StoreUnavailable):

@@ -90,10 +90,6 @@ class ModCase:
     ban_at: float | None = None  # the appealed ban's `created_at`: Lift ban lifts that ban only
     decision: Decision | None = None
 
-    @property
-    def actions(self) -> tuple[Action, ...]:
-        return ACTIONS[self.kind]
-
     def to_json(self) -> str:
         data: dict[str, Any] = {name: getattr(self, name) for name in _STORED}
         data["kind"] = self.kind.value

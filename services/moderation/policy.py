@@ -120,9 +120,6 @@ class Moderation:
 
     # -- AutoMod rules, as Discord sends them --
 
-    def knows_automod_rules(self, guild_id: int) -> bool:
-        return guild_id in self._automod
-
     async def load_automod_rules(self, guild_id: int) -> int:
         """Reads the server's rules from Discord now; how many apply to prompts. AutoModUnavailable when
         they cannot be read."""
