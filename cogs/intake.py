@@ -37,6 +37,15 @@ async def start_job(
     if not bot.accepting_jobs:
         await send_ephemeral(interaction, "🔄 The bot is restarting; please try again in a minute.")
         return
+    # Until this command is acknowledged, new submits to Segmind wait (work already there still goes).
+    with bot.segmind.in_flight.foreground():
+        await _take_in(interaction, request, origin)
+
+
+async def _take_in(
+    interaction: discord.Interaction[DreamshaperBot], request: GenerationRequest, origin: str
+) -> None:
+    bot = interaction.client
     try:
         async with before_answering():
             outcome = await _record_job(interaction, request, origin)

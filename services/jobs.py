@@ -188,11 +188,24 @@ class JobService:
         return await self.store.get_flag(CREDITS_FLAG, self._clock())
 
     async def record(self, job: JobRecord, **changes: Any) -> JobRecord:
+        job = self._evolve(job, **changes)
+        await self.store.save_job(job)
+        return job
+
+    async def _settle(
+        self, job: JobRecord, *, billed: bool, counts: UsageCounts, **changes: Any
+    ) -> JobRecord:
+        """Records the job's end at Segmind, commits (billed) or refunds its reservation and counts its
+        server's usage, in one step of the store."""
+        job = self._evolve(job, **changes)
+        await self.store.settle_job(job, billed=billed, day=usage_day(self._clock()), counts=counts)
+        return job
+
+    def _evolve(self, job: JobRecord, **changes: Any) -> JobRecord:
         job = job.evolve(self._clock(), **changes)
         if job.finished and job.interaction_token is not None:
             # Nothing more is sent through the interaction, so its token is not kept a moment longer.
             job = job.evolve(job.updated_at, interaction_token=None)
-        await self.store.save_job(job)
         return job
 
     async def record_durably(self, job: JobRecord, **changes: Any) -> JobRecord:
@@ -313,24 +326,29 @@ class JobService:
             # Segmind accepted the job, so it may well have run and been billed.
             await self._fail(job, error, billed=True)
             raise JobError(error, job=job, billed=True) from error
-        await self.quota.commit(job.reservation_id or "")
         deadline_at = submitted.submitted_at + self.client.deadline
         try:
             images = await self.fetch_images(result, submitted.request.samples, deadline_at=deadline_at)
         except DownloadFailed as error:
             await self._fail(job, error, billed=True)
             raise JobError(error, job=job, billed=True) from error
-        job = await self.record(
+        job = await self._settle(
             job,
+            billed=True,
+            counts=UsageCounts(jobs=1, images=len(images), gpu_seconds=result.inference_time or 0.0),
             state=JobState.COMPLETED,
             result={
                 "outputs": list(result.outputs) if not result.is_base64 else [],
                 "metrics": dict(result.metrics),
             },
         )
-        log.info("job %s: completed (%s, %d image(s))", job.id, submitted.request_id, len(images))
-        counts = UsageCounts(jobs=1, images=len(images), gpu_seconds=result.inference_time or 0.0)
-        await self.count_usage(job.guild_id, job.user_id, counts)
+        log.info(
+            "job %s: completed (%s, %d image(s)) after %.1f s",
+            job.id,
+            submitted.request_id,
+            len(images),
+            time.monotonic() - submitted.submitted_at,
+        )
         return GeneratedImages(job, submitted.request, images, result.inference_time)
 
     async def recover_images(self, job: JobRecord, request: GenerationRequest) -> GeneratedImages:
@@ -469,7 +487,7 @@ class JobService:
             recorded = await self.record_durably(
                 job, segmind_request_id=submitted.request_id, state=JobState.SUBMITTED
             )
-            log.info("job %s: submitted as %s", job.id, submitted.request_id)
+            log.info("job %s: submitted as %s (seed %d)", job.id, submitted.request_id, request.seed)
             return recorded, submitted
 
         attempt = asyncio.ensure_future(submit_and_record())
@@ -510,11 +528,17 @@ class JobService:
         raise SegmindError("the wait ended without a result", request_id=submitted.request_id)
 
     async def _fail(self, job: JobRecord, error: BaseException, *, billed: bool) -> None:
-        if billed:
-            await self.quota.commit(job.reservation_id or "")
-        else:
-            await self.quota.refund(job.reservation_id or "")
-        await self.record(job, state=JobState.FAILED, error=f"{type(error).__name__}: {error}"[:500])
+        blocked = isinstance(error, JobFailed) and error.is_content_block
+        counts = UsageCounts(
+            jobs=int(job.segmind_request_id is not None), blocked=int(blocked), failed=int(not blocked)
+        )
+        await self._settle(
+            job,
+            billed=billed,
+            counts=counts,
+            state=JobState.FAILED,
+            error=f"{type(error).__name__}: {error}"[:500],
+        )
         log.info(
             "job %s: failed (%s) %s; quota %s",
             job.id,
@@ -522,11 +546,6 @@ class JobService:
             type(error).__name__,
             "charged" if billed else "refunded",
         )
-        blocked = isinstance(error, JobFailed) and error.is_content_block
-        counts = UsageCounts(
-            jobs=int(job.segmind_request_id is not None), blocked=int(blocked), failed=int(not blocked)
-        )
-        await self.count_usage(job.guild_id, job.user_id, counts)
 
     async def count_usage(self, guild_id: int | None, user_id: int, counts: UsageCounts) -> None:
         """Adds to the server's usage for `/admin usage` (none is kept for direct messages); a store that

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 SCHEDULERS: tuple[str, ...] = (
@@ -87,7 +87,8 @@ class GenerationRequest:
         return cls(**payload)
 
     def to_payload(self) -> dict[str, Any]:
-        return asdict(self)
+        # Every field is a plain value, so a flat copy is `asdict` without its deep copy (several a job).
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     def with_concrete_seed(self, rng: random.Random | None = None) -> GenerationRequest:
         """Replaces seed -1 with a real one, so every result can be shown and reproduced."""

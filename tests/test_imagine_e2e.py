@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import logging
 import re
 
+import pytest
 from PIL import Image
 
 from devtools.fakes.discord.server import InteractionHandle, StoredMessage
@@ -71,6 +73,46 @@ async def test_a_random_seed_is_made_concrete_and_shown(make_stack: StackFactory
     shown = fields_of(result_of(handle))["Seed"].strip("`")
     assert int(shown) >= 0
     assert stack.segmind.stats.submits[0].payload["seed"] == int(shown)
+
+
+async def test_each_state_change_of_a_job_is_one_info_line_with_its_ids(
+    make_stack: StackFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = SegmindServerSettings(
+        api_keys=frozenset({SEGMIND_KEY}), queue_seconds=1.0, seconds_per_step=0.05
+    )
+    stack = await make_stack(segmind_settings=settings)
+    with caplog.at_level(logging.INFO):
+        handle = await stack.imagine(prompt="told once", timeout=40)
+        result_of(handle)
+        # Recorded as delivered just after the upload the member sees.
+        for _ in range(200):
+            if any(": delivered" in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.05)
+    request_id = stack.segmind.stats.submits[0].request_id
+    bot_lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.INFO and r.name.startswith(("services.", "cogs."))
+    ]
+    job_id = next(m.group(1) for line in bot_lines if (m := re.match(r"job (\S+): submitted as", line)))
+    told = [
+        re.sub(r" (\(|after ).*", "", line.replace(job_id, "J").replace(request_id, "R"))
+        for line in bot_lines
+        if job_id in line or request_id in line
+    ]
+    # QUEUED is what the submit said, and COMPLETED is the job's own line once its images are in.
+    assert told in (
+        [
+            "job J: pending",
+            "job J: submitted as R",
+            "segmind R: PROCESSING",
+            "job J: completed",
+            "job J: delivered",
+        ],
+        ["job J: pending", "job J: submitted as R", "job J: completed", "job J: delivered"],
+    ), told
 
 
 async def test_progress_edits_are_shown_and_paced(make_stack: StackFactory) -> None:

@@ -236,3 +236,63 @@ async def test_a_request_that_waited_at_the_gate_is_counted_again_when_it_leaves
         await holder
     # Granted once, counted twice: at its grant, and when it finally left, as Segmind counts it.
     assert len(client.budget._sent) == 2
+
+
+async def test_submits_wait_while_foreground_work_runs_and_work_at_segmind_still_goes() -> None:
+    gate = InFlightGate(4, least=1)
+    release = asyncio.Event()
+    order: list[str] = []
+    with gate.foreground():
+        submit = asyncio.create_task(hold(gate, Priority.SUBMIT, order, "submit", release))
+        await settle()
+        status = asyncio.create_task(hold(gate, Priority.STATUS, order, "status", release))
+        result = asyncio.create_task(hold(gate, Priority.RESULT, order, "result", release))
+        await settle()
+        # A free slot is not enough for a submit while a command is being acknowledged.
+        assert order == ["status", "result"] and gate.in_flight == 2 and gate.waiting == 1
+    await settle()
+    assert order == ["status", "result", "submit"]
+    release.set()
+    await asyncio.gather(submit, status, result)
+    assert gate.in_flight == 0 and gate.waiting == 0
+
+
+async def test_submits_go_once_every_foreground_block_has_ended() -> None:
+    gate = InFlightGate(4, least=1)
+    release = asyncio.Event()
+    order: list[str] = []
+    first, second = gate.foreground(), gate.foreground()
+    first.__enter__()
+    second.__enter__()
+    submit = asyncio.create_task(hold(gate, Priority.SUBMIT, order, "submit", release))
+    await settle()
+    first.__exit__(None, None, None)
+    await settle()
+    assert order == []
+    second.__exit__(None, None, None)
+    await settle()
+    assert order == ["submit"]
+    release.set()
+    await submit
+
+
+async def test_a_foreground_block_that_hangs_holds_submits_back_only_so_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("services.segmind.inflight.FOREGROUND_SECONDS", 0.05)
+    gate = InFlightGate(4, least=1)
+    release = asyncio.Event()
+    order: list[str] = []
+    with gate.foreground():
+        submit = asyncio.create_task(hold(gate, Priority.SUBMIT, order, "submit", release))
+        await asyncio.sleep(0.02)
+        assert order == []
+        await asyncio.sleep(0.1)
+        # Past Discord's time to acknowledge, the block (a request stuck somewhere) no longer holds.
+        assert order == ["submit"]
+        fresh = asyncio.create_task(hold(gate, Priority.SUBMIT, order, "fresh", release))
+        await settle()
+        assert order == ["submit", "fresh"]
+    release.set()
+    await asyncio.gather(submit, fresh)
+    assert gate.in_flight == 0

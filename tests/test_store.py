@@ -28,7 +28,7 @@ from services.store import (
     new_job_id,
     open_store,
 )
-from services.store.base import new_reservation_id
+from services.store.base import UsageCounts, UsageRow, new_reservation_id
 from services.store.redis_store import RedisStore
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -502,6 +502,47 @@ async def test_job_roundtrip_keeps_every_field(store: Store) -> None:
     loaded = await store.get_job(job.id)
     assert loaded == job
     assert isinstance(loaded.state, JobState)
+
+
+async def test_a_record_with_an_integer_past_64_bits_is_saved_all_the_same(store: Store) -> None:
+    # Segmind's metrics are an answer from outside: a number the fast encoder refuses must not lose the job.
+    job = _job(state=JobState.COMPLETED, result={"outputs": [], "metrics": {"queue_time": 10**30}})
+    await store.save_job(job)
+    assert await store.get_job(job.id) == job
+
+
+async def test_settling_a_job_saves_it_settles_its_reservation_and_counts_its_usage(store: Store) -> None:
+    day = "2026-12-01"
+    billed = _job(1, guild_id=10, reservation_id=new_reservation_id(1, 10))
+    refunded = _job(1, guild_id=10, reservation_id=new_reservation_id(1, 10))
+    for job in (billed, refunded):
+        assert await store.reserve_job(job, 2, LIMITS, NOW) == job
+    completed = billed.evolve(NOW + 9, state=JobState.COMPLETED, segmind_request_id="r1")
+    await store.settle_job(
+        completed, billed=True, day=day, counts=UsageCounts(jobs=1, images=2, gpu_seconds=1.5)
+    )
+    failed = refunded.evolve(NOW + 9, state=JobState.FAILED, error="no")
+    await store.settle_job(failed, billed=False, day=day, counts=UsageCounts(failed=1))
+
+    assert await store.get_job(billed.id) == completed
+    assert await store.get_job(refunded.id) == failed
+    usage = await store.usage(1, LIMITS, NOW + 10, guild_id=10)
+    assert (usage.used_images, usage.in_flight) == (2, 0)  # the refund gave its images back
+    assert await store.usage_between(10, day, day) == [
+        UsageRow(day, 1, UsageCounts(jobs=1, images=2, failed=1, gpu_seconds=1.5))
+    ]
+    # Settled once: a second settle of the same reservation changes nothing.
+    await store.settle_job(failed, billed=False, day=day, counts=UsageCounts())
+    assert (await store.usage(1, LIMITS, NOW + 10, guild_id=10)).used_images == 2
+
+
+async def test_settling_a_direct_message_job_counts_no_server_usage(store: Store) -> None:
+    job = _job(2, reservation_id=new_reservation_id(2, None))
+    assert await store.reserve_job(job, 1, LIMITS, NOW) == job
+    done = job.evolve(NOW + 5, state=JobState.COMPLETED)
+    await store.settle_job(done, billed=True, day="2026-12-01", counts=UsageCounts(jobs=1, images=1))
+    assert await store.get_job(job.id) == done
+    assert (await store.usage(2, LIMITS, NOW + 6)).used_images == 1
 
 
 async def test_get_unknown_job_is_none(store: Store) -> None:

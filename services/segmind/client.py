@@ -289,7 +289,8 @@ class SegmindClient:
             response_url=self._job_url(request_id, body.get("response_url"), documented.response_url),
             request=request,
         )
-        log.info(
+        # The job's own line says so at INFO, with its job id.
+        log.debug(
             "segmind %s: submitted (%d image(s), seed %d)", job.request_id, request.samples, request.seed
         )
         return job
@@ -366,7 +367,10 @@ class SegmindClient:
                 state = await self._check(job, schedule)
             seen_at = time.monotonic()
             elapsed = seen_at - job.submitted_at
-            if state is not schedule.state:
+            # One line per change a job's own lines do not tell: the submit said QUEUED already, and the
+            # job logs its completion once its images are in.
+            told = schedule.state is not None or state is not SegmindState.QUEUED
+            if state is not schedule.state and state is not SegmindState.COMPLETED and told:
                 log.info("segmind %s: %s after %.1f s", job.request_id, state, elapsed)
             schedule.observe(state, seen_at)
             if state is SegmindState.COMPLETED:

@@ -46,8 +46,11 @@ START_LATENESS_FACTOR = 12.0
 BUSY_QUANTILE = 0.9
 # How far the first few jobs may shrink the priors' scale (see _with_prior).
 MIN_PRIOR_SCALE = 0.1
-# The priors' spread: run times within ±30 % of the expected, queue times exponential around their mean.
-PRIOR_RUN_SPREAD = 0.3
+# The priors' spread: run times within ±10 % of the expected, queue times exponential around their mean.
+# A request's run varies little from job to job on the same GPUs; the queue is where the spread is. So the
+# first job to finish pins runs down, and jobs sent before eight have finished (a burst at start-up) are
+# checked for their start, which then tells their end.
+PRIOR_RUN_SPREAD = 0.1
 
 
 class SegmindState(StrEnum):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -152,6 +153,8 @@ class _Call:
 # --- origins ------------------------------------------------------------------------------------------
 
 
+# Every check of a job asks about the same few URLs: parsed once each, not at every request.
+@functools.lru_cache(maxsize=4096)
 def _origin(url: str) -> tuple[str, str, int | None] | None:
     try:
         parsed = URL(url)

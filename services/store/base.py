@@ -15,6 +15,8 @@ from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import orjson
+
 if TYPE_CHECKING:
     from services.segmind.budget import SharedWindow
 
@@ -90,7 +92,12 @@ class JobRecord:
         cost, at several saves a job), since the encoder only reads the nested request and result."""
         data = {name: getattr(self, name) for name in _JOB_FIELDS}
         data["state"] = self.state.value
-        return json.dumps(data, separators=(",", ":"))
+        try:
+            # orjson: a job is saved at every state change, and the standard encoder was most of the cost.
+            return orjson.dumps(data).decode()
+        except TypeError:
+            # What orjson refuses (an integer past 64 bits in an answer from outside) the standard one takes.
+            return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRecord:
@@ -309,6 +316,15 @@ class Store(Protocol):
 
     # Jobs.
     async def save_job(self, job: JobRecord) -> None: ...
+
+    async def settle_job(self, job: JobRecord, *, billed: bool, day: str, counts: UsageCounts) -> None:
+        """Saves `job`, commits its reservation (`billed`) or refunds it, and adds `counts` to its member's
+        usage in its server on `day` (none is kept for direct messages), in one atomic step.
+
+        For the end of a job at Segmind: what it writes then costs one trip to the store, not three, on
+        the way from a finished image to the member.
+        """
+        ...
 
     async def get_job(self, job_id: str) -> JobRecord | None: ...
 

@@ -136,6 +136,9 @@ class GuardedStore:
     async def save_job(self, job: JobRecord) -> None:
         await self._guard(self.backend.save_job(job))
 
+    async def settle_job(self, job: JobRecord, *, billed: bool, day: str, counts: UsageCounts) -> None:
+        await self._guard(self.backend.settle_job(job, billed=billed, day=day, counts=counts))
+
     async def get_job(self, job_id: str) -> JobRecord | None:
         return await self._guard(self.backend.get_job(job_id))
 

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, WatchError
 
 from services.store.base import (
@@ -459,21 +460,37 @@ class RedisStore:
         return f"{self._prefix}jobs:unfinished"
 
     async def save_job(self, job: JobRecord) -> None:
-        data = job.to_json()
-        user_jobs = self._user_jobs_key(job.user_id)
         # One transaction so the record and its indexes never disagree.
         async with self._redis.pipeline(transaction=True) as pipe:
-            if job.state in UNFINISHED:
-                # Unfinished jobs never expire: they must stay until resumed or failed.
-                pipe.set(self._job_key(job.id), data)
-                pipe.zadd(self._unfinished_key, {job.id: job.created_at})
-            else:
-                pipe.set(self._job_key(job.id), data, ex=self._job_retention)
-                pipe.zrem(self._unfinished_key, job.id)
-            pipe.zadd(user_jobs, {job.id: job.created_at})
-            pipe.zremrangebyrank(user_jobs, 0, -(RECENT_JOBS_KEPT + 1))
-            pipe.expire(user_jobs, self._job_retention + GC_MARGIN)
+            self._queue_save_job(pipe, job)
             await pipe.execute()
+
+    async def settle_job(self, job: JobRecord, *, billed: bool, day: str, counts: UsageCounts) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            holder = reservation_holder(job.reservation_id or "")
+            if holder is not None:
+                action = "commit" if billed else "refund"
+                await self._settle_script(
+                    keys=self._quota_keys(*holder), args=[job.reservation_id, action], client=pipe
+                )
+            self._queue_save_job(pipe, job)
+            if job.guild_id is not None:
+                self._queue_usage(pipe, job.guild_id, day, job.user_id, counts)
+            await pipe.execute()
+
+    def _queue_save_job(self, pipe: Pipeline, job: JobRecord) -> None:
+        data = job.to_json()
+        user_jobs = self._user_jobs_key(job.user_id)
+        if job.state in UNFINISHED:
+            # Unfinished jobs never expire: they must stay until resumed or failed.
+            pipe.set(self._job_key(job.id), data)
+            pipe.zadd(self._unfinished_key, {job.id: job.created_at})
+        else:
+            pipe.set(self._job_key(job.id), data, ex=self._job_retention)
+            pipe.zrem(self._unfinished_key, job.id)
+        pipe.zadd(user_jobs, {job.id: job.created_at})
+        pipe.zremrangebyrank(user_jobs, 0, -(RECENT_JOBS_KEPT + 1))
+        pipe.expire(user_jobs, self._job_retention + GC_MARGIN)
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         data = await self._redis.get(self._job_key(job_id))
@@ -638,18 +655,23 @@ class RedisStore:
         return f"{self._prefix}usage:{int(guild_id)}:{day}"
 
     async def add_usage(self, guild_id: int, day: str, user_id: int, counts: UsageCounts) -> None:
-        key = self._usage_key(guild_id, day)
         async with self._redis.pipeline(transaction=True) as pipe:
-            for name in USAGE_COUNTERS:
-                value = getattr(counts, name)
-                if not value:
-                    continue
-                if isinstance(value, float):
-                    pipe.hincrbyfloat(key, f"{int(user_id)}:{name}", value)
-                else:
-                    pipe.hincrby(key, f"{int(user_id)}:{name}", value)
-            pipe.expire(key, USAGE_RETENTION_DAYS * 86400)
+            self._queue_usage(pipe, guild_id, day, user_id, counts)
             await pipe.execute()
+
+    def _queue_usage(
+        self, pipe: Pipeline, guild_id: int, day: str, user_id: int, counts: UsageCounts
+    ) -> None:
+        key = self._usage_key(guild_id, day)
+        for name in USAGE_COUNTERS:
+            value = getattr(counts, name)
+            if not value:
+                continue
+            if isinstance(value, float):
+                pipe.hincrbyfloat(key, f"{int(user_id)}:{name}", value)
+            else:
+                pipe.hincrby(key, f"{int(user_id)}:{name}", value)
+        pipe.expire(key, USAGE_RETENTION_DAYS * 86400)
 
     async def usage_between(self, guild_id: int, first_day: str, last_day: str) -> list[UsageRow]:
         days = days_between(first_day, last_day)

@@ -389,6 +389,19 @@ class SQLiteStore:
         row = _job_row(job)
         await self._write(lambda db: _save_job(db, row))
 
+    async def settle_job(self, job: JobRecord, *, billed: bool, day: str, counts: UsageCounts) -> None:
+        row = _job_row(job)
+        reservation_id = job.reservation_id or ""
+        usage = None if job.guild_id is None else _usage_row(job.guild_id, day, job.user_id, counts)
+
+        def settle(db: sqlite3.Connection) -> None:
+            _settle(db, reservation_id, COMMITTED if billed else REFUNDED)
+            _save_job(db, row)
+            if usage is not None:
+                _add_usage(db, usage)
+
+        await self._write(settle)
+
     async def get_job(self, job_id: str) -> JobRecord | None:
         jobs = await self._select_jobs("WHERE id = ?", (job_id,))
         return jobs[0] if jobs else None
@@ -638,14 +651,8 @@ class SQLiteStore:
         return await self._write(report)
 
     async def add_usage(self, guild_id: int, day: str, user_id: int, counts: UsageCounts) -> None:
-        values = [getattr(counts, name) for name in USAGE_COUNTERS]
-        await self._write(
-            lambda db: db.execute(
-                f"INSERT INTO usage (guild_id, day, user_id, {_USAGE_COLUMNS}) VALUES (?, ?, ?, {_USAGE_SLOTS})"
-                f" ON CONFLICT (guild_id, day, user_id) DO UPDATE SET {_USAGE_SUMS}",
-                (guild_id, day, user_id, *values),
-            )
-        )
+        usage = _usage_row(guild_id, day, user_id, counts)
+        await self._write(lambda db: _add_usage(db, usage))
 
     async def usage_between(self, guild_id: int, first_day: str, last_day: str) -> list[UsageRow]:
         rows = await self._call(
@@ -818,6 +825,18 @@ def _entries(db: sqlite3.Connection, user_id: int, server: int, cutoff: float) -
         (user_id, server, cutoff, RESERVED, COMMITTED),
     ).fetchall()
     return [QuotaEntry(created_at=row[0], images=row[1], state=row[2]) for row in rows]
+
+
+def _usage_row(guild_id: int, day: str, user_id: int, counts: UsageCounts) -> tuple[object, ...]:
+    return (guild_id, day, user_id, *(getattr(counts, name) for name in USAGE_COUNTERS))
+
+
+def _add_usage(db: sqlite3.Connection, usage: tuple[object, ...]) -> None:
+    db.execute(
+        f"INSERT INTO usage (guild_id, day, user_id, {_USAGE_COLUMNS}) VALUES (?, ?, ?, {_USAGE_SLOTS})"
+        f" ON CONFLICT (guild_id, day, user_id) DO UPDATE SET {_USAGE_SUMS}",
+        usage,
+    )
 
 
 _JobRow = tuple[str, int, str, float, float, str]
