@@ -13,7 +13,7 @@ from devtools.fakes.segmind.server import SegmindServer, SegmindServerSettings
 from services.request import GenerationRequest
 from services.segmind import Priority, RequestBudget, SegmindClient
 from services.segmind.errors import BudgetExhausted
-from services.segmind.inflight import InFlightGate
+from services.segmind.inflight import InFlightGate, SubmitHold
 from services.segmind.transport import GATE_GRACE_SECONDS
 
 
@@ -238,61 +238,49 @@ async def test_a_request_that_waited_at_the_gate_is_counted_again_when_it_leaves
     assert len(client.budget._sent) == 2
 
 
-async def test_submits_wait_while_foreground_work_runs_and_work_at_segmind_still_goes() -> None:
-    gate = InFlightGate(4, least=1)
-    release = asyncio.Event()
-    order: list[str] = []
-    with gate.foreground():
-        submit = asyncio.create_task(hold(gate, Priority.SUBMIT, order, "submit", release))
-        await settle()
-        status = asyncio.create_task(hold(gate, Priority.STATUS, order, "status", release))
-        result = asyncio.create_task(hold(gate, Priority.RESULT, order, "result", release))
-        await settle()
-        # A free slot is not enough for a submit while a command is being acknowledged.
-        assert order == ["status", "result"] and gate.in_flight == 2 and gate.waiting == 1
-    await settle()
-    assert order == ["status", "result", "submit"]
-    release.set()
-    await asyncio.gather(submit, status, result)
-    assert gate.in_flight == 0 and gate.waiting == 0
+async def test_while_a_command_is_acknowledged_a_submit_waits_and_a_status_check_goes() -> None:
+    async with stand_in_client() as (server, client):
+        running = await client.submit(GenerationRequest(prompt="already at Segmind"))
+        with client.submit_hold.foreground():
+            sending = asyncio.create_task(client.submit(GenerationRequest(prompt="sent after the ack")))
+            await client.status(running)
+            await asyncio.sleep(0.2)
+            assert not sending.done() and len(server.stats.submits) == 1
+        job = await sending
+    assert job.request_id and len(server.stats.submits) == 2
+    # Held before the budget: the submit is counted once, when it goes.
+    assert len(client.budget._sent) == 3
 
 
-async def test_submits_go_once_every_foreground_block_has_ended() -> None:
-    gate = InFlightGate(4, least=1)
-    release = asyncio.Event()
-    order: list[str] = []
-    first, second = gate.foreground(), gate.foreground()
+async def test_a_submit_goes_once_every_command_under_way_is_acknowledged() -> None:
+    hold = SubmitHold()
+    first, second = hold.foreground(), hold.foreground()
     first.__enter__()
     second.__enter__()
-    submit = asyncio.create_task(hold(gate, Priority.SUBMIT, order, "submit", release))
+    turn = asyncio.create_task(hold.turn())
     await settle()
     first.__exit__(None, None, None)
     await settle()
-    assert order == []
+    assert not turn.done()
     second.__exit__(None, None, None)
     await settle()
-    assert order == ["submit"]
-    release.set()
-    await submit
+    assert turn.done()
 
 
-async def test_a_foreground_block_that_hangs_holds_submits_back_only_so_long(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr("services.segmind.inflight.FOREGROUND_SECONDS", 0.05)
-    gate = InFlightGate(4, least=1)
-    release = asyncio.Event()
-    order: list[str] = []
-    with gate.foreground():
-        submit = asyncio.create_task(hold(gate, Priority.SUBMIT, order, "submit", release))
+async def test_under_commands_that_overlap_without_a_break_a_submit_waits_its_most_and_goes() -> None:
+    hold = SubmitHold(most=0.1)
+    loop = asyncio.get_running_loop()
+
+    async def command() -> None:
+        with hold.foreground():
+            await asyncio.sleep(0.05)
+
+    commands = [asyncio.create_task(command())]
+    await settle()
+    started = loop.time()
+    turn = asyncio.create_task(hold.turn())
+    while not turn.done():
+        commands.append(asyncio.create_task(command()))
         await asyncio.sleep(0.02)
-        assert order == []
-        await asyncio.sleep(0.1)
-        # Past Discord's time to acknowledge, the block (a request stuck somewhere) no longer holds.
-        assert order == ["submit"]
-        fresh = asyncio.create_task(hold(gate, Priority.SUBMIT, order, "fresh", release))
-        await settle()
-        assert order == ["submit", "fresh"]
-    release.set()
-    await asyncio.gather(submit, fresh)
-    assert gate.in_flight == 0
+    await asyncio.gather(*commands)
+    assert 0.1 <= loop.time() - started < 0.2

@@ -38,7 +38,7 @@ from services.segmind.errors import (
     ServerError,
     UnexpectedResponse,
 )
-from services.segmind.inflight import InFlightGate
+from services.segmind.inflight import InFlightGate, SubmitHold
 
 # A request that waited longer than this at the in-flight gate after its budget slot was granted is
 # counted once more when it leaves: the plan's window is counted over 61 s for one second of such slack.
@@ -57,6 +57,7 @@ _READ_CHUNK = 64 * 1024
 # A key this short is not a Segmind key; replacing it would mangle ordinary text and base64 images.
 _MIN_SCRUBBED_KEY = 8
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+CACHED_URL_LENGTH = 2048
 
 
 @dataclass(frozen=True)
@@ -153,9 +154,20 @@ class _Call:
 # --- origins ------------------------------------------------------------------------------------------
 
 
-# Every check of a job asks about the same few URLs: parsed once each, not at every request.
-@functools.lru_cache(maxsize=4096)
 def _origin(url: str) -> tuple[str, str, int | None] | None:
+    # Every check of a job asks about the same few URLs: parsed once each, not at every request. A URL
+    # from an answer may be long, and only ordinary ones are kept.
+    if isinstance(url, str) and len(url) <= CACHED_URL_LENGTH:
+        return _known_origin(url)
+    return _parsed_origin(url)
+
+
+@functools.lru_cache(maxsize=4096)
+def _known_origin(url: str) -> tuple[str, str, int | None] | None:
+    return _parsed_origin(url)
+
+
+def _parsed_origin(url: str) -> tuple[str, str, int | None] | None:
     try:
         parsed = URL(url)
     except (TypeError, ValueError):
@@ -186,6 +198,7 @@ class Transport:
       a GET is retried like a 5xx.
     * Every request, redirect hops and retries included, takes a slot of `budget`; a 429 pauses the whole
       budget, for at most its `max_pause`. Then it waits for a slot of `in_flight`, by the same priority.
+      A submit first waits for `submit_hold` (commands being acknowledged go first).
     * GETs are retried (`retry`); a request that is not idempotent is sent again only when the connection
       never opened, since Segmind has no idempotency key and a second submit is billed twice.
     """
@@ -210,6 +223,7 @@ class Transport:
         self.retry = retry
         self.timeout = timeout
         self.in_flight = in_flight or InFlightGate()
+        self.submit_hold = SubmitHold()
 
     def __repr__(self) -> str:
         return f"Transport(base_url={self.base_url!r})"
@@ -301,6 +315,8 @@ class Transport:
     async def _paced(self, call: _Call, url: str) -> Reply:
         """The layer of the budget: a slot before every request, and a 429 pauses the budget for all."""
         while True:
+            if call.priority is Priority.SUBMIT:
+                await self.submit_hold.turn()
             await self.budget.acquire(
                 call.on_budget_wait,
                 max_wait=None if call.give_up_at is None else call.give_up_at - time.monotonic(),
