@@ -37,8 +37,8 @@ async def start_job(
     if not bot.accepting_jobs:
         await send_ephemeral(interaction, "🔄 The bot is restarting; please try again in a minute.")
         return
-    # Until this command is acknowledged, new submits to Segmind wait (a second at most; checks still go).
-    with bot.segmind.submit_hold.foreground():
+    # Until this command is acknowledged, new submits to Segmind wait (half a second at most; checks go).
+    with bot.segmind.in_flight.foreground():
         await _take_in(interaction, request, origin)
 
 

@@ -13,7 +13,7 @@ from devtools.fakes.segmind.server import SegmindServer, SegmindServerSettings
 from services.request import GenerationRequest
 from services.segmind import Priority, RequestBudget, SegmindClient
 from services.segmind.errors import BudgetExhausted
-from services.segmind.inflight import InFlightGate, SubmitHold
+from services.segmind.inflight import InFlightGate
 from services.segmind.transport import GATE_GRACE_SECONDS
 
 
@@ -241,46 +241,75 @@ async def test_a_request_that_waited_at_the_gate_is_counted_again_when_it_leaves
 async def test_while_a_command_is_acknowledged_a_submit_waits_and_a_status_check_goes() -> None:
     async with stand_in_client() as (server, client):
         running = await client.submit(GenerationRequest(prompt="already at Segmind"))
-        with client.submit_hold.foreground():
+        with client.in_flight.foreground():
             sending = asyncio.create_task(client.submit(GenerationRequest(prompt="sent after the ack")))
-            await client.status(running)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
+            await client.status(running)  # a free slot: the held submit does not block the check
             assert not sending.done() and len(server.stats.submits) == 1
         job = await sending
     assert job.request_id and len(server.stats.submits) == 2
-    # Held before the budget: the submit is counted once, when it goes.
-    assert len(client.budget._sent) == 3
 
 
 async def test_a_submit_goes_once_every_command_under_way_is_acknowledged() -> None:
-    hold = SubmitHold()
-    first, second = hold.foreground(), hold.foreground()
+    gate = InFlightGate(4, least=1)
+    release = asyncio.Event()
+    order: list[str] = []
+    first, second = gate.foreground(), gate.foreground()
     first.__enter__()
     second.__enter__()
-    turn = asyncio.create_task(hold.turn())
+    submit = asyncio.create_task(hold(gate, Priority.SUBMIT, order, "submit", release))
+    status = asyncio.create_task(hold(gate, Priority.STATUS, order, "status", release))
     await settle()
+    assert order == ["status"]
     first.__exit__(None, None, None)
     await settle()
-    assert not turn.done()
+    assert order == ["status"]
     second.__exit__(None, None, None)
     await settle()
-    assert turn.done()
+    assert order == ["status", "submit"]
+    release.set()
+    await asyncio.gather(submit, status)
+    assert gate.in_flight == 0 and gate.waiting == 0
 
 
-async def test_under_commands_that_overlap_without_a_break_a_submit_waits_its_most_and_goes() -> None:
-    hold = SubmitHold(most=0.1)
+async def test_under_commands_that_overlap_without_a_break_a_submit_is_held_its_most_and_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("services.segmind.inflight.SUBMIT_HOLD_SECONDS", 0.1)
+    gate = InFlightGate(4, least=1)
+    release = asyncio.Event()
+    order: list[str] = []
     loop = asyncio.get_running_loop()
 
     async def command() -> None:
-        with hold.foreground():
+        with gate.foreground():
             await asyncio.sleep(0.05)
 
     commands = [asyncio.create_task(command())]
     await settle()
     started = loop.time()
-    turn = asyncio.create_task(hold.turn())
-    while not turn.done():
+    submit = asyncio.create_task(hold(gate, Priority.SUBMIT, order, "submit", release))
+    while not order:
         commands.append(asyncio.create_task(command()))
         await asyncio.sleep(0.02)
-    await asyncio.gather(*commands)
     assert 0.1 <= loop.time() - started < 0.2
+    release.set()
+    await asyncio.gather(submit, *commands)
+    assert gate.in_flight == 0 and gate.waiting == 0
+
+
+async def test_a_held_submit_that_gives_up_leaves_nothing_behind() -> None:
+    gate = InFlightGate(4, least=1)
+    release = asyncio.Event()
+    order: list[str] = []
+    with gate.foreground():
+        submit = asyncio.create_task(hold(gate, Priority.SUBMIT, order, "gave up", release))
+        await settle()
+        submit.cancel()
+        await settle()
+        status = asyncio.create_task(hold(gate, Priority.STATUS, order, "status", release))
+        await settle()
+    assert order == ["status"] and gate.waiting == 0
+    release.set()
+    await status
+    assert gate.in_flight == 0

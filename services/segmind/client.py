@@ -32,7 +32,7 @@ from services.segmind.errors import (
     SegmindError,
     UnexpectedResponse,
 )
-from services.segmind.inflight import InFlightGate, SubmitHold
+from services.segmind.inflight import InFlightGate
 from services.segmind.schedule import (
     MIN_POLL_INTERVAL,
     DurationModel,
@@ -182,11 +182,6 @@ class SegmindClient:
     def in_flight(self) -> InFlightGate:
         """Requests on their way to Segmind at once; output downloads take a slot too, as results."""
         return self._transport.in_flight
-
-    @property
-    def submit_hold(self) -> SubmitHold:
-        """What new submits wait for while commands are being acknowledged."""
-        return self._transport.submit_hold
 
     @property
     def budget(self) -> RequestBudget:

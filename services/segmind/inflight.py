@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import time
 from collections.abc import AsyncIterator, Iterator
 
 from services.segmind.budget import Priority
@@ -18,9 +19,9 @@ MOST_IN_FLIGHT = 256
 # How late the event loop may run before the limit comes down (by a fifth at a time; it goes up by one).
 LOOP_BEHIND_TARGET = 0.02
 DECREASE = 0.8
-# How long a submit waits at most for foreground work (see SubmitHold): under a stream of commands that
-# overlap without a break, each submit still goes within this.
-SUBMIT_HOLD_SECONDS = 1.0
+# How long foreground work holds a submit back at most (see `InFlightGate.foreground`): the request budget
+# forgives a request half a second between its grant and its leaving before counting it twice.
+SUBMIT_HOLD_SECONDS = 0.5
 
 
 class InFlightGate:
@@ -54,14 +55,42 @@ class InFlightGate:
         self.in_flight = 0
         self.waiting = 0
         # A heap; entries of callers that gave up stay in it, done, until they come up and are skipped.
-        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        # (priority, arrival, future, since): `since` on the monotonic clock, for how long a submit is held.
+        self._waiting: list[tuple[int, int, asyncio.Future[None], float]] = []
         self._arrivals = itertools.count()
         self._cut = False  # the limit came down for the stall under way
+        self._foreground = 0  # blocks under way that submits give way to (see `foreground`)
 
     def pressure(self) -> float:
         """From 0 (nobody waits) to 1 (as many wait as are let in at once): how far demand exceeds what
         the loop keeps up with."""
         return min(1.0, self.waiting / self.limit)
+
+    @contextlib.contextmanager
+    def foreground(self) -> Iterator[None]:
+        """While any such block runs, a submit waits at the gate, SUBMIT_HOLD_SECONDS at most; checks,
+        results and downloads still go.
+
+        For commands being acknowledged: Discord gives each 3 s, and in a burst the submits of the first
+        ones would otherwise share the event loop with the commands still arriving. A submit costs the
+        loop more than an acknowledgement, and a member does not notice it leaving half a second later;
+        they notice the "thinking…" that does not come. Held submits leave one slot at a time, like any
+        waiter, and between commands, when no block runs, they go at once.
+        """
+        self._foreground += 1
+        try:
+            yield
+        finally:
+            self._foreground -= 1
+            if not self._foreground:
+                self._let_in()
+
+    def _held(self, priority: int, since: float) -> bool:
+        return (
+            priority >= Priority.SUBMIT
+            and self._foreground > 0
+            and time.monotonic() - since < SUBMIT_HOLD_SECONDS
+        )
 
     @contextlib.asynccontextmanager
     async def slot(self, priority: Priority) -> AsyncIterator[None]:
@@ -88,19 +117,27 @@ class InFlightGate:
                 self._cut = True
             return
         self._cut = False
-        if self.waiting:
-            # Only a limit someone waits at is raised: an idle process would otherwise drift to the most.
+        if self.waiting and not self._foreground:
+            # Only a limit someone waits at is raised (an idle process would otherwise drift to the most),
+            # and not for submits held back by foreground work.
             self.limit = min(self.most, self.limit + 1)
         self._let_in()
 
     async def enter(self, priority: Priority) -> None:
         """Takes a slot, waiting for one by priority; `leave` gives it back."""
-        if self.in_flight < self.limit and not self.waiting:
+        held = priority >= Priority.SUBMIT and self._foreground > 0
+        if self.in_flight < self.limit and not self.waiting and not held:
             self.in_flight += 1
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, (int(priority), next(self._arrivals), future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        heapq.heappush(self._waiting, (int(priority), next(self._arrivals), future, time.monotonic()))
         self.waiting += 1
+        if held:
+            # Its hold ends even if the foreground work does not.
+            loop.call_later(SUBMIT_HOLD_SECONDS, self._let_in)
+        # Those waiting may all be held submits, with a slot free for this one.
+        self._let_in()
         try:
             await future
         except asyncio.CancelledError:
@@ -116,46 +153,12 @@ class InFlightGate:
     def _let_in(self) -> None:
         """Lets the first live waiters in, in order, while slots are free."""
         while self._waiting and self.in_flight < self.limit:
-            _priority, _arrival, future = heapq.heappop(self._waiting)
+            priority, _arrival, future, since = self._waiting[0]
+            if not future.done() and self._held(priority, since):
+                # In order of priority, then arrival: every waiter behind a held submit is one too.
+                return
+            heapq.heappop(self._waiting)
             if not future.done():
                 self.waiting -= 1
                 self.in_flight += 1
                 future.set_result(None)
-
-
-class SubmitHold:
-    """New submits wait while foreground work runs (commands being acknowledged), each a second at most.
-
-    Discord gives a command 3 s to be acknowledged, and in a burst the submits of the first commands would
-    otherwise share the event loop with the commands still arriving. A submit costs the loop more than an
-    acknowledgement, and a member does not notice it leaving a second later; they notice the "thinking…"
-    that does not come. Submits wait before the request budget, so the time held is not spent from the
-    plan's window; then the budget and the in-flight gate pace them as always. Between commands, when no
-    foreground work runs, submits go at once.
-    """
-
-    def __init__(self, most: float = SUBMIT_HOLD_SECONDS) -> None:
-        self.most = most
-        self._running = 0
-        self._clear = asyncio.Event()
-        self._clear.set()
-
-    @contextlib.contextmanager
-    def foreground(self) -> Iterator[None]:
-        """Submits wait while any such block runs."""
-        self._running += 1
-        self._clear.clear()
-        try:
-            yield
-        finally:
-            self._running -= 1
-            if not self._running:
-                self._clear.set()
-
-    async def turn(self) -> None:
-        """Returns once no foreground work runs, or after `most` seconds, whichever comes first."""
-        if self._clear.is_set():
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.most):
-                await self._clear.wait()

@@ -38,7 +38,7 @@ from services.segmind.errors import (
     ServerError,
     UnexpectedResponse,
 )
-from services.segmind.inflight import InFlightGate, SubmitHold
+from services.segmind.inflight import InFlightGate
 
 # A request that waited longer than this at the in-flight gate after its budget slot was granted is
 # counted once more when it leaves: the plan's window is counted over 61 s for one second of such slack.
@@ -198,7 +198,6 @@ class Transport:
       a GET is retried like a 5xx.
     * Every request, redirect hops and retries included, takes a slot of `budget`; a 429 pauses the whole
       budget, for at most its `max_pause`. Then it waits for a slot of `in_flight`, by the same priority.
-      A submit first waits for `submit_hold` (commands being acknowledged go first).
     * GETs are retried (`retry`); a request that is not idempotent is sent again only when the connection
       never opened, since Segmind has no idempotency key and a second submit is billed twice.
     """
@@ -223,7 +222,6 @@ class Transport:
         self.retry = retry
         self.timeout = timeout
         self.in_flight = in_flight or InFlightGate()
-        self.submit_hold = SubmitHold()
 
     def __repr__(self) -> str:
         return f"Transport(base_url={self.base_url!r})"
@@ -315,8 +313,6 @@ class Transport:
     async def _paced(self, call: _Call, url: str) -> Reply:
         """The layer of the budget: a slot before every request, and a 429 pauses the budget for all."""
         while True:
-            if call.priority is Priority.SUBMIT:
-                await self.submit_hold.turn()
             await self.budget.acquire(
                 call.on_budget_wait,
                 max_wait=None if call.give_up_at is None else call.give_up_at - time.monotonic(),
