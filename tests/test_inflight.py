@@ -246,8 +246,13 @@ async def test_while_a_command_is_acknowledged_a_submit_waits_and_a_status_check
             await asyncio.sleep(0.05)
             await client.status(running)  # a free slot: the held submit does not block the check
             assert not sending.done() and len(server.stats.submits) == 1
-        job = await sending
+            # Held by choice, not for want of room: the gate is under no pressure.
+            assert client.in_flight.pressure() == 0
+            # Past its hold the submit goes, even with the command still under way.
+            job = await asyncio.wait_for(sending, 1.0)
     assert job.request_id and len(server.stats.submits) == 2
+    # Held within the budget's grace: counted once, at its grant (3 requests, 3 counts).
+    assert len(client.budget._sent) == 3
 
 
 async def test_a_submit_goes_once_every_command_under_way_is_acknowledged() -> None:
@@ -289,9 +294,10 @@ async def test_under_commands_that_overlap_without_a_break_a_submit_is_held_its_
     await settle()
     started = loop.time()
     submit = asyncio.create_task(hold(gate, Priority.SUBMIT, order, "submit", release))
-    while not order:
-        commands.append(asyncio.create_task(command()))
-        await asyncio.sleep(0.02)
+    async with asyncio.timeout(1):
+        while not order:
+            commands.append(asyncio.create_task(command()))
+            await asyncio.sleep(0.02)
     assert 0.1 <= loop.time() - started < 0.2
     release.set()
     await asyncio.gather(submit, *commands)
@@ -309,7 +315,7 @@ async def test_a_held_submit_that_gives_up_leaves_nothing_behind() -> None:
         await settle()
         status = asyncio.create_task(hold(gate, Priority.STATUS, order, "status", release))
         await settle()
-    assert order == ["status"] and gate.waiting == 0
+    assert order == ["status"] and gate.waiting == 0 and gate.pressure() == 0
     release.set()
     await status
     assert gate.in_flight == 0

@@ -19,9 +19,12 @@ MOST_IN_FLIGHT = 256
 # How late the event loop may run before the limit comes down (by a fifth at a time; it goes up by one).
 LOOP_BEHIND_TARGET = 0.02
 DECREASE = 0.8
-# How long foreground work holds a submit back at most (see `InFlightGate.foreground`): the request budget
-# forgives a request half a second between its grant and its leaving before counting it twice.
-SUBMIT_HOLD_SECONDS = 0.5
+# How long foreground work holds a submit back at most (see `InFlightGate.foreground`): well within the
+# half second (GATE_GRACE_SECONDS) the request budget allows between a grant and the request leaving
+# before it counts the request twice.
+SUBMIT_HOLD_SECONDS = 0.3
+# The loop may run a timer this much before it is due (asyncio's own allowance).
+_CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
 
 
 class InFlightGate:
@@ -60,11 +63,15 @@ class InFlightGate:
         self._arrivals = itertools.count()
         self._cut = False  # the limit came down for the stall under way
         self._foreground = 0  # blocks under way that submits give way to (see `foreground`)
+        self._submits_waiting = 0
+        self._hold_ends: asyncio.TimerHandle | None = None  # wakes the gate when the first hold is over
 
     def pressure(self) -> float:
         """From 0 (nobody waits) to 1 (as many wait as are let in at once): how far demand exceeds what
         the loop keeps up with."""
-        return min(1.0, self.waiting / self.limit)
+        # Submits held back by foreground work wait by choice, not for want of room.
+        held = self._submits_waiting if self._foreground else 0
+        return min(1.0, (self.waiting - held) / self.limit)
 
     @contextlib.contextmanager
     def foreground(self) -> Iterator[None]:
@@ -73,7 +80,7 @@ class InFlightGate:
 
         For commands being acknowledged: Discord gives each 3 s, and in a burst the submits of the first
         ones would otherwise share the event loop with the commands still arriving. A submit costs the
-        loop more than an acknowledgement, and a member does not notice it leaving half a second later;
+        loop more than an acknowledgement, and a member does not notice it leaving a moment later;
         they notice the "thinking…" that does not come. Held submits leave one slot at a time, like any
         waiter, and between commands, when no block runs, they go at once.
         """
@@ -89,7 +96,7 @@ class InFlightGate:
         return (
             priority >= Priority.SUBMIT
             and self._foreground > 0
-            and time.monotonic() - since < SUBMIT_HOLD_SECONDS
+            and time.monotonic() + _CLOCK_RESOLUTION < since + SUBMIT_HOLD_SECONDS
         )
 
     @contextlib.asynccontextmanager
@@ -117,11 +124,12 @@ class InFlightGate:
                 self._cut = True
             return
         self._cut = False
-        if self.waiting and not self._foreground:
+        self._let_in()
+        if self.waiting and not self._top_is_held():
             # Only a limit someone waits at is raised (an idle process would otherwise drift to the most),
             # and not for submits held back by foreground work.
             self.limit = min(self.most, self.limit + 1)
-        self._let_in()
+            self._let_in()
 
     async def enter(self, priority: Priority) -> None:
         """Takes a slot, waiting for one by priority; `leave` gives it back."""
@@ -129,13 +137,11 @@ class InFlightGate:
         if self.in_flight < self.limit and not self.waiting and not held:
             self.in_flight += 1
             return
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting, (int(priority), next(self._arrivals), future, time.monotonic()))
         self.waiting += 1
-        if held:
-            # Its hold ends even if the foreground work does not.
-            loop.call_later(SUBMIT_HOLD_SECONDS, self._let_in)
+        if priority >= Priority.SUBMIT:
+            self._submits_waiting += 1
         # Those waiting may all be held submits, with a slot free for this one.
         self._let_in()
         try:
@@ -148,6 +154,8 @@ class InFlightGate:
             else:
                 future.cancel()
                 self.waiting -= 1
+                if priority >= Priority.SUBMIT:
+                    self._submits_waiting -= 1
             raise
 
     def _let_in(self) -> None:
@@ -155,10 +163,31 @@ class InFlightGate:
         while self._waiting and self.in_flight < self.limit:
             priority, _arrival, future, since = self._waiting[0]
             if not future.done() and self._held(priority, since):
-                # In order of priority, then arrival: every waiter behind a held submit is one too.
+                # In order of priority, then arrival: every waiter behind a held submit is one too. Its
+                # hold ends even if the foreground work does not.
+                self._wake_at(since + SUBMIT_HOLD_SECONDS)
                 return
             heapq.heappop(self._waiting)
             if not future.done():
                 self.waiting -= 1
+                if priority >= Priority.SUBMIT:
+                    self._submits_waiting -= 1
                 self.in_flight += 1
                 future.set_result(None)
+
+    def _top_is_held(self) -> bool:
+        while self._waiting and self._waiting[0][2].done():
+            heapq.heappop(self._waiting)
+        return bool(self._waiting) and self._held(self._waiting[0][0], self._waiting[0][3])
+
+    def _wake_at(self, when: float) -> None:
+        """One timer for the gate, at the earliest hold's end (on the loop's clock, time.monotonic)."""
+        if self._hold_ends is not None and not self._hold_ends.cancelled() and self._hold_ends.when() <= when:
+            return
+        if self._hold_ends is not None:
+            self._hold_ends.cancel()
+        self._hold_ends = asyncio.get_running_loop().call_at(when, self._hold_over)
+
+    def _hold_over(self) -> None:
+        self._hold_ends = None
+        self._let_in()
