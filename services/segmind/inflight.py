@@ -133,8 +133,7 @@ class InFlightGate:
 
     async def enter(self, priority: Priority) -> None:
         """Takes a slot, waiting for one by priority; `leave` gives it back."""
-        held = priority >= Priority.SUBMIT and self._foreground > 0
-        if self.in_flight < self.limit and not self.waiting and not held:
+        if self.in_flight < self.limit and not self.waiting and not self._held(priority, time.monotonic()):
             self.in_flight += 1
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -424,11 +424,12 @@ class RedisStore:
     async def refund(self, reservation_id: str) -> None:
         await self._settle(reservation_id, "refund")
 
-    async def _settle(self, reservation_id: str, action: str) -> None:
+    async def _settle(self, reservation_id: str, action: str, *, pipe: Pipeline | None = None) -> None:
+        """Settles the reservation at once, or queued in `pipe` (its transaction) when one is given."""
         holder = reservation_holder(reservation_id)
         if holder is None:
             return  # not an id this store issued, so there is nothing to settle
-        await self._settle_script(keys=self._quota_keys(*holder), args=[reservation_id, action])
+        await self._settle_script(keys=self._quota_keys(*holder), args=[reservation_id, action], client=pipe)
 
     async def usage(
         self, user_id: int, limits: QuotaLimits, now: float, *, guild_id: int | None = None
@@ -467,12 +468,7 @@ class RedisStore:
 
     async def settle_job(self, job: JobRecord, *, billed: bool, day: str, counts: UsageCounts) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            holder = reservation_holder(job.reservation_id or "")
-            if holder is not None:
-                action = "commit" if billed else "refund"
-                await self._settle_script(
-                    keys=self._quota_keys(*holder), args=[job.reservation_id, action], client=pipe
-                )
+            await self._settle(job.reservation_id or "", "commit" if billed else "refund", pipe=pipe)
             self._queue_save_job(pipe, job)
             if job.guild_id is not None:
                 self._queue_usage(pipe, job.guild_id, day, job.user_id, counts)
