@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import math
 
-from devtools.bench.burst import burst_table, measure_burst, measure_burst_in_a_fresh_driver
+from devtools.bench.burst import (
+    _driver_collector_paused,
+    burst_table,
+    measure_burst,
+    measure_burst_in_a_fresh_driver,
+)
 
 QUICK_SEGMIND = {"queue_seconds": 0.2, "seconds_per_step": 0.01, "workers": 20}
 
@@ -27,3 +33,11 @@ async def test_a_burst_measured_in_a_driver_of_its_own_comes_back_whole() -> Non
     )
     assert (figures.commands, figures.delivered, figures.failed) == (4, 4, 0)
     assert 0 < figures.ack_p50 <= figures.ack_p99 and figures.cpu_per_job > 0
+
+
+def test_the_driver_does_not_collect_garbage_while_a_burst_is_timed() -> None:
+    assert gc.isenabled()
+    with _driver_collector_paused():
+        assert not gc.isenabled()
+        assert gc.get_freeze_count() > 0  # what the stand-ins hold before the burst is left out
+    assert gc.isenabled() and gc.get_freeze_count() == 0
