@@ -28,7 +28,7 @@ from cogs.answers import answer_failure
 from cogs.buttons import JOB_BUTTONS
 from cogs.delivery import JobRunner
 from cogs.imagine import Imagine
-from cogs.intake import ban_refusal
+from cogs.intake import BAN_CHECKED_WHEN_RESERVED, ban_refusal
 from cogs.modlog import MODLOG_BUTTONS, ModLog, send_refusal
 from services.config import Config, discord_api_root
 from services.jobs import JobService
@@ -116,9 +116,12 @@ class DreamshaperTree(app_commands.CommandTree["DreamshaperBot"]):
     """
 
     async def interaction_check(self, interaction: discord.Interaction[DreamshaperBot], /) -> bool:
-        # A banned member is told so, for every command but /admin (an admin cannot lock a server out).
+        # A banned member is told so, for every command but /admin (an admin cannot lock a server out), by
+        # the command itself where it checks when it reserves.
         command = interaction.command
-        if command is not None and command.qualified_name.split()[0] == "admin":
+        if command is not None and (
+            command.qualified_name.split()[0] == "admin" or command.extras.get(BAN_CHECKED_WHEN_RESERVED)
+        ):
             return True
         refusal = await ban_refusal(interaction)
         if refusal is not None:

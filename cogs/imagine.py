@@ -11,7 +11,7 @@ from discord.ext import commands
 from cogs import render
 from cogs.answers import before_answering, send_ephemeral
 from cogs.buttons import ResendButton, can_resend
-from cogs.intake import member_role_ids, start_job
+from cogs.intake import BAN_CHECKED_WHEN_RESERVED, member_role_ids, start_job
 from services.request import SCHEDULERS, GenerationRequest, RequestValidationError
 
 if TYPE_CHECKING:
@@ -34,7 +34,11 @@ class Imagine(commands.Cog):
     def __init__(self, bot: DreamshaperBot) -> None:
         self.bot = bot
 
-    @app_commands.command(name="imagine", description="Generate images with Dreamshaper SDXL")
+    @app_commands.command(
+        name="imagine",
+        description="Generate images with Dreamshaper SDXL",
+        extras={BAN_CHECKED_WHEN_RESERVED: True},
+    )
     @app_commands.describe(
         prompt="What to draw",
         negative_prompt="What to keep out of the image",

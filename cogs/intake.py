@@ -20,13 +20,25 @@ from cogs.answers import before_answering, send_ephemeral
 from cogs.modlog import BAN_REF, Refused, send_refusal
 from services.moderation.cases import CaseKind, ModCase, new_case_id
 from services.request import GenerationRequest
-from services.store.base import JobRecord, JobState, QuotaRefusal, UsageCounts, new_job_id, new_reservation_id
+from services.store.base import (
+    Ban,
+    JobRecord,
+    JobState,
+    QuotaRefusal,
+    UsageCounts,
+    new_job_id,
+    new_reservation_id,
+)
 from services.store.guarded import StoreUnavailable
 
 if TYPE_CHECKING:
     from cogs.app import DreamshaperBot
 
 log = logging.getLogger(__name__)
+
+# In a command's `extras`: its member's ban is checked in the same store step as the reservation (see
+# `Store.reserve_job`), so the tree's own check, a read of its own before the command runs, is skipped.
+BAN_CHECKED_WHEN_RESERVED = "ban_checked_when_reserved"
 
 
 async def start_job(
@@ -79,10 +91,15 @@ async def _record_job(
     settings = None if interaction.guild_id is None else await bot.moderation.settings(interaction.guild_id)
     limits = bot.quota.limits_for(role_ids, settings)
     if limits is None:
-        return render.may_not_generate_reply()
+        return await ban_refusal(interaction) or render.may_not_generate_reply()
     if interaction.guild_id is not None:
         case = await _blocked(interaction, interaction.guild_id, request.prompt)
         if case is not None:
+            # A banned member is told of the ban, not given a case, a strike or a block on top of it.
+            if (banned := await ban_refusal(interaction)) is not None:
+                return banned
+            counts = UsageCounts(blocked=1)
+            bot.in_background(bot.jobs.count_usage(interaction.guild_id, interaction.user.id, counts))
             appeal = await _record_case(bot, case)
             ban = await interaction.client.moderation.strike(interaction.guild_id, interaction.user.id)
             if ban is None:
@@ -93,7 +110,7 @@ async def _record_job(
             return Refused(f"{render.blocked_prompt_reply()}\n{render.banned_reply(ban)}", appeal=BAN_REF)
     # Read from the store at most once a second, however many commands arrive (the store's flag cache).
     if await bot.jobs.credits_exhausted_until():
-        return render.credits_exhausted_reply()
+        return await ban_refusal(interaction) or render.credits_exhausted_reply()
     now = time.time()
     job = JobRecord(
         id=new_job_id(),
@@ -115,7 +132,8 @@ async def _record_job(
         requester_name=user.display_name,
     )
     # Reserved and saved in one step, before Discord shows "thinking…": from this record on, the job and
-    # its reservation belong to whichever process runs it, even if this one dies a millisecond later.
+    # its reservation belong to whichever process runs it, even if this one dies a millisecond later. The
+    # member's ban is checked in that step too, the refusals above (rare) having read it on their own.
     try:
         outcome = await bot.quota.reserve_job(job, request.samples, limits)
     except BaseException:
@@ -125,6 +143,8 @@ async def _record_job(
         raise
     if isinstance(outcome, QuotaRefusal):
         return render.quota_refusal_reply(outcome, request.samples)
+    if isinstance(outcome, Ban):
+        return Refused(render.banned_reply(outcome), appeal=BAN_REF)
     return outcome
 
 
@@ -172,7 +192,6 @@ async def _blocked(
         text=prompt,
         detail=f"`{block.matched}` ({source})",
     )
-    bot.in_background(bot.jobs.count_usage(guild_id, interaction.user.id, UsageCounts(blocked=1)))
     return case
 
 

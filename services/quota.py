@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from services.moderation.settings import GuildSettings
 from services.store.base import (
     UNLIMITED,
+    Ban,
     JobRecord,
     QuotaLimits,
     QuotaRefusal,
@@ -87,9 +88,12 @@ class QuotaGuard:
             user_id, images, self._limits if limits is None else limits, self._clock(), guild_id=guild_id
         )
 
-    async def reserve_job(self, job: JobRecord, images: int, limits: QuotaLimits) -> JobRecord | QuotaRefusal:
+    async def reserve_job(
+        self, job: JobRecord, images: int, limits: QuotaLimits
+    ) -> JobRecord | QuotaRefusal | Ban:
         """Reserves `images` for the job's member in the job's server under `job.reservation_id` and saves
-        the job, in one step of the store: the saved job, or the refusal with nothing recorded."""
+        the job, in one step of the store: the saved job, or the refusal (the member's ban in the server
+        first) with nothing recorded."""
         return await self._store.reserve_job(job, images, limits, self._clock())
 
     async def commit(self, reservation: Reservation | str) -> None:

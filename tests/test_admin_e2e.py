@@ -172,6 +172,13 @@ async def test_strikes_ban_a_member_after_repeated_blocked_prompts(make_stack: S
     await stack.discord.wait_for(lambda: any("2 blocked prompts" in m.content for m in mod_log(stack)))
     third = await stack.imagine(prompt="a harmless lighthouse", user_id=MEMBER)
     assert reply_of(third).startswith("⛔ You may not use the bot")
+    # Banned, a blocked prompt is answered with the ban alone: no new case, no strike on top of it.
+    await asyncio.sleep(0.5)  # the entries of the earlier blocks are posted in the background
+    entries = len(mod_log(stack))
+    fourth = await stack.imagine(prompt="a kid again", user_id=MEMBER)
+    assert reply_of(fourth).startswith("⛔ You may not use the bot") and "rules" not in reply_of(fourth)
+    await asyncio.sleep(0.5)  # the time a case's entry takes to be posted, which none is
+    assert len(mod_log(stack)) == entries
     assert stack.segmind.stats.submits == []
 
 

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+from unittest.mock import patch
 
 import pytest
 
 from services.store import Store
-from services.store.base import Ban, UsageCounts, UsageRow
+from services.store.base import (
+    Ban,
+    JobRecord,
+    JobState,
+    QuotaLimits,
+    UsageCounts,
+    UsageRow,
+    new_job_id,
+    new_reservation_id,
+)
 from tests import test_store
 from tests.test_store import DAY, HOUR, NOW, Backend
 
@@ -16,6 +26,7 @@ backend = test_store.backend  # every backend, as the store's own suite runs the
 
 GUILD, OTHER_GUILD = 100, 200
 MEMBER, OTHER_MEMBER, MOD = 1, 2, 3
+ROOMY = QuotaLimits(daily_images=100, max_concurrent=100)
 
 
 def add_term(term: str):  # type: ignore[no-untyped-def]
@@ -72,6 +83,53 @@ async def test_a_ban_holds_until_it_ends_or_is_lifted(backend: Backend) -> None:
     assert await store.lift_ban(GUILD, OTHER_MEMBER, NOW) is False
     assert await store.lift_ban(GUILD, MEMBER, NOW + DAY) is False  # it had ended already
     assert await store.list_bans(GUILD, NOW) == []
+
+
+def job_in(guild_id: int | None, user_id: int = MEMBER) -> JobRecord:
+    return JobRecord(
+        id=new_job_id(),
+        user_id=user_id,
+        guild_id=guild_id,
+        channel_id=None,
+        request={"prompt": "a lighthouse"},
+        reservation_id=new_reservation_id(user_id, guild_id),
+        state=JobState.PENDING,
+        created_at=NOW,
+        updated_at=NOW,
+    )
+
+
+async def test_a_member_banned_in_a_server_has_no_job_reserved_there(backend: Backend) -> None:
+    store = await backend.open()
+    ban = Ban(GUILD, MEMBER, until=NOW + HOUR, reason="spam", by_id=MOD, created_at=NOW)
+    await store.set_ban(ban)
+    forever = Ban(GUILD, OTHER_MEMBER + 1, until=None, reason="", by_id=None, created_at=NOW)
+    await store.set_ban(forever)
+    refused, refused_forever = job_in(GUILD), job_in(GUILD, OTHER_MEMBER + 1)
+    assert await store.reserve_job(refused, 1, ROOMY, NOW) == ban
+    assert await store.reserve_job(refused_forever, 1, ROOMY, NOW + 365 * DAY) == forever
+    assert await store.get_job(refused.id) is None and await store.get_job(refused_forever.id) is None
+    assert (await store.usage(MEMBER, ROOMY, NOW, guild_id=GUILD)).used_images == 0
+    # Elsewhere, in direct messages, for other members and once the ban is over, jobs are reserved.
+    for job, at in [
+        (job_in(OTHER_GUILD), NOW),
+        (job_in(None), NOW),
+        (job_in(GUILD, OTHER_MEMBER), NOW),
+        (job_in(GUILD), NOW + HOUR),
+    ]:
+        assert await store.reserve_job(job, 1, ROOMY, at) == job
+        assert await store.get_job(job.id) == job
+
+
+async def test_a_ban_record_that_cannot_be_read_bans_no_one_from_reserving(backend: Backend) -> None:
+    store = await backend.open()
+    # Without its server, member and date: the store's script may take it for a ban, Python reads none.
+    with patch.object(Ban, "to_json", lambda _ban: '{"until": null, "reason": "?"}'):
+        await store.set_ban(Ban(GUILD, MEMBER, until=None, reason="?", by_id=None, created_at=NOW))
+    job = job_in(GUILD)
+    assert await store.reserve_job(job, 1, ROOMY, NOW) == job
+    assert await store.get_job(job.id) == job
+    assert (await store.usage(MEMBER, ROOMY, NOW, guild_id=GUILD)).used_images == 1
 
 
 async def test_a_new_ban_replaces_the_members_old_one(backend: Backend) -> None:

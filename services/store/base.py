@@ -304,9 +304,11 @@ class Store(Protocol):
 
     async def reserve_job(
         self, job: JobRecord, images: int, limits: QuotaLimits, now: float
-    ) -> JobRecord | QuotaRefusal:
+    ) -> JobRecord | QuotaRefusal | Ban:
         """Reserves `images` for `job.user_id` in `job.guild_id` under the id `job.reservation_id` and saves
-        `job`, in one atomic step: the job, returned as saved, or the refusal, with nothing recorded.
+        `job`, in one atomic step: the job, returned as saved, or the refusal, with nothing recorded. In a
+        server, a member's active ban there refuses first (the Ban), checked in that same step, so a
+        command costs no read of its own for it and a ban set a moment before is never missed.
 
         For a job being taken in: it must be unfinished, and its reservation id one `new_reservation_id`
         made for its member and server (`check_reservable`). No reservation without its job is ever left behind, and

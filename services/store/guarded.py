@@ -130,7 +130,7 @@ class GuardedStore:
 
     async def reserve_job(
         self, job: JobRecord, images: int, limits: QuotaLimits, now: float
-    ) -> JobRecord | QuotaRefusal:
+    ) -> JobRecord | QuotaRefusal | Ban:
         return await self._guard(self.backend.reserve_job(job, images, limits, now))
 
     async def save_job(self, job: JobRecord) -> None:

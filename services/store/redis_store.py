@@ -134,12 +134,24 @@ redis.call('EXPIRE', records, ARGV[7])
 
 RESERVE_LUA = _RESERVE_BODY_LUA + "return {'ok'}\n"
 
-# KEYS: as RESERVE_LUA, then the job's record, the unfinished index, the user's recent jobs. ARGV: as
-# RESERVE_LUA, then the job's JSON, created_at, id, how many recent jobs are kept, their index's TTL. The
-# reservation and the record of the job that owns it are written together or not at all (as save_job
-# writes an unfinished job).
+# KEYS: as RESERVE_LUA, then the job's record, the unfinished index, the user's recent jobs and, for a job
+# in a server, the server's bans. ARGV: as RESERVE_LUA, then the job's JSON, created_at, id, how many recent
+# jobs are kept, their index's TTL, the member's id. The reservation and the record of the job that owns it
+# are written together or not at all (as save_job writes an unfinished job), and not for a member whose
+# ban there has not plainly ended: {"banned", its record} (`Ban.read` has the last word).
 RESERVE_JOB_LUA = (
-    _RESERVE_BODY_LUA
+    """
+if KEYS[7] then
+  local ban = redis.call('HGET', KEYS[7], ARGV[13])
+  if ban then
+    -- Only a ban that has plainly ended lets the member through here; Python decides about the rest.
+    local readable, fields = pcall(cjson.decode, ban)
+    local ends = readable and type(fields) == 'table' and fields['until']
+    if not (type(ends) == 'number' and ends <= tonumber(ARGV[5])) then return {'banned', ban} end
+  end
+end
+"""
+    + _RESERVE_BODY_LUA
     + """
 redis.call('SET', KEYS[4], ARGV[8])
 redis.call('ZADD', KEYS[5], ARGV[9], ARGV[10])
@@ -386,15 +398,30 @@ class RedisStore:
 
     async def reserve_job(
         self, job: JobRecord, images: int, limits: QuotaLimits, now: float
-    ) -> JobRecord | QuotaRefusal:
+    ) -> JobRecord | QuotaRefusal | Ban:
         reservation = check_reservable(job, images, now)
-        reply = await self._reserve_job_script(
-            keys=[
-                *self._quota_keys(job.user_id, job.guild_id),
-                self._job_key(job.id),
-                self._unfinished_key,
-                self._user_jobs_key(job.user_id),
-            ],
+        reply = await self._reserve_job(job, reservation, limits, check_ban=job.guild_id is not None)
+        if reply[0] == "banned":
+            ban = Ban.read(reply[1])
+            if ban is not None and ban.active(now):
+                return ban
+            # A record the script took for a ban that Python reads as none (as get_ban would): no ban.
+            reply = await self._reserve_job(job, reservation, limits, check_ban=False)
+        return job if reply[0] == "ok" else _refusal(reply, images, limits)
+
+    async def _reserve_job(
+        self, job: JobRecord, reservation: Reservation, limits: QuotaLimits, *, check_ban: bool
+    ) -> list[Any]:
+        keys = [
+            *self._quota_keys(job.user_id, job.guild_id),
+            self._job_key(job.id),
+            self._unfinished_key,
+            self._user_jobs_key(job.user_id),
+        ]
+        if check_ban and job.guild_id is not None:
+            keys.append(self._guild_key(job.guild_id, "bans"))
+        reply: list[Any] = await self._reserve_job_script(
+            keys=keys,
             args=[
                 *self._reserve_args(reservation, limits),
                 job.to_json(),
@@ -402,9 +429,10 @@ class RedisStore:
                 job.id,
                 RECENT_JOBS_KEPT,
                 self._job_retention + GC_MARGIN,
+                str(job.user_id),
             ],
         )
-        return job if reply[0] == "ok" else _refusal(reply, images, limits)
+        return reply
 
     @staticmethod
     def _reserve_args(reservation: Reservation, limits: QuotaLimits) -> list[Any]:

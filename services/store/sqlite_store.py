@@ -357,11 +357,15 @@ class SQLiteStore:
 
     async def reserve_job(
         self, job: JobRecord, images: int, limits: QuotaLimits, now: float
-    ) -> JobRecord | QuotaRefusal:
+    ) -> JobRecord | QuotaRefusal | Ban:
         reservation = check_reservable(job, images, now)
         row = _job_row(job)
+        guild_id = job.guild_id
 
-        def reserve_and_save(db: sqlite3.Connection) -> QuotaRefusal | None:
+        def reserve_and_save(db: sqlite3.Connection) -> QuotaRefusal | Ban | None:
+            ban = None if guild_id is None else _active_ban(db, guild_id, job.user_id, now)
+            if ban is not None:
+                return ban
             refusal = _reserve(db, reservation, limits)
             if refusal is None:
                 _save_job(db, row)
@@ -563,13 +567,7 @@ class SQLiteStore:
         return await self._write(lift)
 
     async def get_ban(self, guild_id: int, user_id: int, now: float) -> Ban | None:
-        row = await self._call(
-            lambda db: db.execute(
-                "SELECT data FROM bans WHERE guild_id = ? AND user_id = ? AND (until IS NULL OR until > ?)",
-                (guild_id, user_id, now),
-            ).fetchone()
-        )
-        return None if row is None else Ban.read(row[0])
+        return await self._call(lambda db: _active_ban(db, guild_id, user_id, now))
 
     async def list_bans(self, guild_id: int, now: float) -> list[Ban]:
         rows = await self._call(
@@ -846,6 +844,14 @@ def _job_row(job: JobRecord) -> _JobRow:
     # Encoded by the caller, on the event loop: the store's thread only runs statements.
     data = job.to_json()
     return (job.id, job.user_id, job.state.value, job.created_at, job.updated_at, data)
+
+
+def _active_ban(db: sqlite3.Connection, guild_id: int, user_id: int, now: float) -> Ban | None:
+    row = db.execute(
+        "SELECT data FROM bans WHERE guild_id = ? AND user_id = ? AND (until IS NULL OR until > ?)",
+        (guild_id, user_id, now),
+    ).fetchone()
+    return None if row is None else Ban.read(row[0])
 
 
 def _save_job(db: sqlite3.Connection, row: _JobRow) -> None:
