@@ -56,6 +56,10 @@ LOOP_BEHIND_FOR_PROGRESS = 0.5
 # A loop turn longer than this means the loop is busy: the next job waits before it begins (StartLine).
 BUSY_TURN_SECONDS = 0.002
 MAX_START_HOLD_SECONDS = 0.05
+# While commands are being acknowledged no job begins, for this long at most (from when it asked): a burst
+# of a thousand commands a second acknowledges each within Discord's 3 s only with the loop to itself.
+COMMANDS_FIRST_SECONDS = 1.0
+COMMANDS_CHECK_SECONDS = 0.005
 # How long the result waits for a progress edit already sent; discord.py's own retries fit well within it.
 EDIT_LANDING_SECONDS = 10.0
 # Discord invalidates interaction tokens after 15 minutes; stop using one a little before that.
@@ -268,20 +272,24 @@ class StartLine:
     """Lets jobs begin one at a time, in the order they were started, at the pace the event loop allows.
 
     Beginning a job costs a few store writes and the submit to Segmind; a thousand begun at once would
-    hold every command arriving meanwhile (and its acknowledgement, due within 3 s) behind them. Between
-    two beginnings the line lets the loop turn once, and when that turn was long (the loop is busy, with
-    a burst of commands most of all) it waits as long again before the next: on an idle loop jobs begin
-    at once, under a burst the commands go first. Jobs begin whatever the load, only more slowly.
+    hold every command arriving meanwhile (and its acknowledgement, due within 3 s) behind them. While
+    `commands_under_way` says commands are being acknowledged, no job begins (COMMANDS_FIRST_SECONDS at
+    most from when it asked). Between two beginnings the line lets the loop turn once, and when that turn
+    was long (the loop is busy) it waits as long again before the next: on an idle loop jobs begin at
+    once, under a burst the commands go first. Jobs begin whatever the load, only later.
     """
 
-    def __init__(self) -> None:
-        self._waiting: deque[asyncio.Future[None]] = deque()
+    def __init__(self, commands_under_way: Callable[[], bool] = lambda: False) -> None:
+        self._commands_under_way = commands_under_way
+        # (ticket, when it asked, on the loop's clock)
+        self._waiting: deque[tuple[asyncio.Future[None], float]] = deque()
         self._opener: asyncio.Task[None] | None = None
 
     async def turn(self) -> None:
         """Returns when it is this caller's turn to begin."""
-        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(ticket)
+        loop = asyncio.get_running_loop()
+        ticket: asyncio.Future[None] = loop.create_future()
+        self._waiting.append((ticket, loop.time()))
         if self._opener is None or self._opener.done():
             self._opener = asyncio.create_task(self._open(), name="job-start-line")
         await ticket
@@ -289,9 +297,14 @@ class StartLine:
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         while self._waiting:
-            ticket = self._waiting.popleft()
+            ticket, asked_at = self._waiting[0]
             if ticket.done():  # its job was cancelled while it waited
+                self._waiting.popleft()
                 continue
+            if self._commands_under_way() and loop.time() < asked_at + COMMANDS_FIRST_SECONDS:
+                await asyncio.sleep(COMMANDS_CHECK_SECONDS)
+                continue
+            self._waiting.popleft()
             ticket.set_result(None)
             began = loop.time()
             await asyncio.sleep(0)
@@ -321,7 +334,11 @@ class JobRunner(commands.Cog):
         self.progress_ticks = TickAllowance(
             PROGRESS_TICKS_PER_SECOND, loop_behind=lambda: bot.watchdog.load() >= LOOP_BEHIND_FOR_PROGRESS
         )
-        self._start_line = StartLine()
+        self._start_line = StartLine(self._commands_under_way)
+
+    def _commands_under_way(self) -> bool:
+        # Asked of the Segmind client each time: it is the bot's, not this cog's, to build or replace.
+        return self.bot.segmind.in_flight.commands_under_way()
 
     async def cog_load(self) -> None:
         self.sweeper.change_interval(seconds=self.bot.jobs.lease_seconds)

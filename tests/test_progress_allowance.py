@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from cogs import delivery
 from cogs.delivery import ProgressMessage, StartLine, TickAllowance
 from services.jobs import Progress, ProgressKind
 
@@ -128,3 +131,31 @@ async def test_jobs_begin_one_at_a_time_in_the_order_they_were_started() -> None
     tasks[10].cancel()  # stopped while waiting: its turn goes to the next one
     await asyncio.gather(*tasks, return_exceptions=True)
     assert began == [number for number in range(50) if number != 10]
+
+
+async def test_no_job_begins_while_commands_are_being_acknowledged() -> None:
+    under_way = True
+    line = StartLine(lambda: under_way)
+    began = asyncio.Event()
+
+    async def job() -> None:
+        await line.turn()
+        began.set()
+
+    task = asyncio.create_task(job())
+    await asyncio.sleep(0.2)
+    assert not began.is_set()
+    under_way = False  # the last command is acknowledged
+    await asyncio.wait_for(began.wait(), 1.0)
+    await task
+
+
+async def test_under_commands_that_never_stop_a_job_begins_after_its_most(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(delivery, "COMMANDS_FIRST_SECONDS", 0.3)
+    line = StartLine(lambda: True)
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    await asyncio.wait_for(line.turn(), 5.0)
+    assert loop.time() - asked >= 0.3

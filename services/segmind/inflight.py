@@ -92,6 +92,10 @@ class InFlightGate:
             if not self._foreground:
                 self._let_in()
 
+    def commands_under_way(self) -> bool:
+        """Whether a `foreground` block runs now: for other work that gives way to commands too."""
+        return self._foreground > 0
+
     def _held(self, priority: int, since: float) -> bool:
         return (
             priority >= Priority.SUBMIT
