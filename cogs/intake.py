@@ -49,7 +49,8 @@ async def start_job(
     if not bot.accepting_jobs:
         await send_ephemeral(interaction, "🔄 The bot is restarting; please try again in a minute.")
         return
-    # Until this command is acknowledged, new submits to Segmind wait (0.3 s at most; checks still go).
+    # Until this command is acknowledged no job begins (1 s at most) and new submits to Segmind wait (0.3 s
+    # at most); status checks, results and downloads still go.
     with bot.segmind.in_flight.foreground():
         await _take_in(interaction, request, origin)
 

@@ -400,7 +400,7 @@ class RedisStore:
         self, job: JobRecord, images: int, limits: QuotaLimits, now: float
     ) -> JobRecord | QuotaRefusal | Ban:
         reservation = check_reservable(job, images, now)
-        reply = await self._reserve_job(job, reservation, limits, check_ban=job.guild_id is not None)
+        reply = await self._reserve_job(job, reservation, limits, check_ban=True)
         if reply[0] == "banned":
             ban = Ban.read(reply[1])
             if ban is not None and ban.active(now):
@@ -418,7 +418,7 @@ class RedisStore:
             self._unfinished_key,
             self._user_jobs_key(job.user_id),
         ]
-        if check_ban and job.guild_id is not None:
+        if check_ban and job.guild_id is not None:  # direct messages have no bans
             keys.append(self._guild_key(job.guild_id, "bans"))
         reply: list[Any] = await self._reserve_job_script(
             keys=keys,
