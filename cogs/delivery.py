@@ -135,6 +135,7 @@ class ProgressMessage:
         interval: float = PROGRESS_EDIT_INTERVAL,
         *,
         ticks: TickAllowance | None = None,
+        shown: Progress | None = None,
     ) -> None:
         self._edit = edit
         self._interval = interval
@@ -150,6 +151,10 @@ class ProgressMessage:
         self._changed = asyncio.Event()
         self._editing = False
         self._closed = False
+        if shown is not None:
+            # The message already shows this (the command's acknowledgement): it was, in effect, an edit.
+            self._shown, self._shown_state = render.progress_text(shown), _state_of(shown)
+            self._last_edit = time.monotonic()
 
     def update(self, progress: Progress) -> None:
         if self._closed:
@@ -349,10 +354,11 @@ class JobRunner(commands.Cog):
 
     # -- lifecycle --
 
-    def start(self, job: JobRecord) -> asyncio.Task[None] | None:
+    def start(self, job: JobRecord, *, shown: Progress | None = None) -> asyncio.Task[None] | None:
+        """Runs `job` in the background; `shown`: the progress its message shows already, if known."""
         if not self.bot.accepting_jobs or job.id in self._running:
             return None  # it is in the store: the next start (or another process) carries it on
-        task = asyncio.create_task(self.execute(job), name=f"job-{job.id}")
+        task = asyncio.create_task(self.execute(job, shown), name=f"job-{job.id}")
         self._running[job.id] = task
         task.add_done_callback(lambda _t: self._running.pop(job.id, None))
         return task
@@ -423,25 +429,25 @@ class JobRunner(commands.Cog):
 
     # -- one job --
 
-    async def execute(self, job: JobRecord) -> None:
+    async def execute(self, job: JobRecord, shown: Progress | None = None) -> None:
         # The job is in the store, and stays there whatever happens while it waits its turn.
         await self._start_line.turn()
         try:
             async with self.bot.jobs.lease(job.id) as lease:
                 current = await self.bot.store.get_job(job.id) if lease else None
                 if current is not None and not current.finished:
-                    await self._carry_on(current, lease)
+                    await self._carry_on(current, lease, shown)
         except LeaseLost:
             log.warning("job %s: another process took it over; this one posts nothing", job.id)
         except Exception:
             # The job keeps its recorded state, so the next sweep tries it again.
             log.exception("job %s: unexpected failure; it will be retried", job.id)
 
-    async def _carry_on(self, job: JobRecord, lease: Lease) -> None:
+    async def _carry_on(self, job: JobRecord, lease: Lease, shown: Progress | None = None) -> None:
         if job.state is JobState.COMPLETED and await self._posted_before(job):
             return
         message = JobMessage(self.bot, job)
-        progress = ProgressMessage(message.show, ticks=self.progress_ticks)
+        progress = ProgressMessage(message.show, ticks=self.progress_ticks, shown=shown)
         try:
             generated = await self.bot.jobs.resume(job, progress.update)
         except JobError as error:

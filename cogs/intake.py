@@ -18,6 +18,7 @@ import discord
 from cogs import render
 from cogs.answers import before_answering, send_ephemeral
 from cogs.modlog import BAN_REF, Refused, send_refusal
+from services.jobs import Progress, ProgressKind
 from services.moderation.cases import CaseKind, ModCase, new_case_id
 from services.request import GenerationRequest
 from services.store.base import (
@@ -72,12 +73,15 @@ async def _take_in(
     if isinstance(outcome, Refused):
         await send_refusal(interaction, outcome)
         return
+    # The acknowledgement is the job's first progress line: the member sees the estimate at once, and the
+    # line costs no edit of its own (a thousand commands in a second would cost a thousand).
+    first = Progress(ProgressKind.QUEUED, ready_at=time.time() + bot.segmind.expected_duration(request))
     try:
-        await interaction.response.defer(thinking=True)
+        await interaction.response.send_message(render.progress_text(first))
     except BaseException:
         await bot.jobs.abandon(outcome, "the interaction could not be acknowledged")
         raise
-    bot.runner.start(outcome)
+    bot.runner.start(outcome, shown=first)
 
 
 async def _record_job(

@@ -77,7 +77,7 @@ def progress_text(progress: Progress) -> str:
         when = relative_time(progress.retry_at) if progress.retry_at else "shortly"
         return f"⏳ Segmind is busy; waiting for a slot (next try {when})."
     if progress.kind is ProgressKind.QUEUED:
-        return f"📨 Queued at Segmind… ({progress.elapsed:.0f} s){ready_by(progress.ready_at)}"
+        return f"📨 Queued… ({progress.elapsed:.0f} s){ready_by(progress.ready_at)}"
     return f"🎨 Generating… {progress.elapsed:.0f} s{ready_by(progress.ready_at)}"
 
 

@@ -27,7 +27,12 @@ import redis.asyncio as redis
 from cogs import render
 from cogs.app import DreamshaperBot, point_discord_py_at
 from cogs.buttons import CUSTOM_ID
-from devtools.fakes.discord.models import InteractionHandle, StoredMessage
+from devtools.fakes.discord.models import (
+    CALLBACK_CHANNEL_MESSAGE,
+    CALLBACK_DEFERRED_UPDATE_MESSAGE,
+    InteractionHandle,
+    StoredMessage,
+)
 from devtools.fakes.discord.server import DiscordStandIn
 from devtools.fakes.segmind.server import SegmindServer
 from devtools.fakes.segmind.settings import SegmindServerSettings
@@ -144,18 +149,7 @@ class BotStack:
     async def settled(self, handle: InteractionHandle, timeout: float = 20) -> None:
         """Waits until the interaction's answer is final: a reply, a result, an error, or a deletion."""
 
-        def done() -> bool:
-            callback = handle.callback
-            if callback is None:
-                return False
-            if callback.type == 4:
-                return True
-            original = handle.original
-            if callback.type == 6:
-                return original is not None and original.deleted
-            return original is not None and not original.loading and is_final(original)
-
-        await self.discord.wait_for(done, timeout)
+        await self.discord.wait_for(lambda: is_answered(handle), timeout)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
         """Waits until `predicate()` holds: TimeoutError after `timeout`, BotStopped if the bot stops first."""
@@ -207,6 +201,30 @@ class BotStack:
         return {
             key: options.pop(key) for key in ("user_id", "roles", "permissions", "username") if key in options
         }
+
+
+def started_a_job(handle: InteractionHandle) -> bool:
+    """Whether the command was acknowledged as a job: its answer is the job's first progress line, where
+    a refusal is a reply of its own."""
+    callback = handle.callback
+    content = str((callback.data or {}).get("content") or "") if callback is not None else ""
+    return (
+        callback is not None
+        and callback.type == CALLBACK_CHANNEL_MESSAGE
+        and content.startswith(PROGRESS_MARKS)
+    )
+
+
+def is_answered(handle: InteractionHandle) -> bool:
+    """Whether the interaction's answer is final: a reply, a result, an error, or a deletion."""
+    callback, original = handle.callback, handle.original
+    if callback is None:
+        return False
+    if callback.type == CALLBACK_CHANNEL_MESSAGE and not started_a_job(handle):
+        return True
+    if callback.type == CALLBACK_DEFERRED_UPDATE_MESSAGE:
+        return original is not None and original.deleted
+    return original is not None and not original.loading and is_final(original)
 
 
 def is_final(message: StoredMessage) -> bool:

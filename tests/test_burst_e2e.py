@@ -13,10 +13,10 @@ import redis.asyncio as aioredis
 from PIL import ImageFile
 
 from cogs.app import DISCORD_CONNECTIONS
-from devtools.fakes.discord.models import CALLBACK_DEFERRED_CHANNEL_MESSAGE
+from devtools.fakes.discord.models import CALLBACK_CHANNEL_MESSAGE
 from devtools.fakes.discord.server import DEFAULT_USER_ID
 from devtools.launcher import BotLauncher
-from devtools.stack import REDIS_URL, redis_prefix
+from devtools.stack import PROGRESS_MARKS, REDIS_URL, redis_prefix
 from tests.conftest import StackFactory, database_url
 from tests.processes import bot_processes
 
@@ -59,8 +59,12 @@ async def test_every_command_acknowledged_before_a_kill_is_in_the_store(
     await bot.wait(10)
 
     acknowledged = [h for h in handles if h.callback is not None]
+    # Every one acknowledged as a job (its first progress line), none refused.
     assert all(
-        h.callback is not None and h.callback.type == CALLBACK_DEFERRED_CHANNEL_MESSAGE for h in acknowledged
+        h.callback is not None
+        and h.callback.type == CALLBACK_CHANNEL_MESSAGE
+        and str((h.callback.data or {}).get("content", "")).startswith(PROGRESS_MARKS)
+        for h in acknowledged
     )
     jobs = await stored_jobs(database)
     missing = [h.id for h in acknowledged if h.id not in jobs]

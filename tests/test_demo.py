@@ -55,7 +55,10 @@ def test_demo_runs_offline_and_writes_images_and_transcripts(tmp_path: Path) -> 
     imagine, info = data["interactions"]
     assert imagine["label"] == "/imagine"
     first = imagine["events"][0]
-    assert (first["kind"], first["type"], first["accepted"]) == ("callback", 5, True)  # deferred at once
+    # Acknowledged at once with the job's first progress line, its estimate in it.
+    assert (first["kind"], first["type"], first["accepted"]) == ("callback", 4, True)
+    shown = next(e for e in imagine["events"] if e["kind"] == "message")
+    assert shown["content"].startswith("📨 Queued") and "(estimate)" in shown["content"]
     delivered = [e for e in imagine["events"] if e.get("attachments")]
     assert delivered and delivered[0]["attachments"][0]["filename"] == images[0]["file"]
     reply = next(e for e in info["events"] if e["kind"] == "message")

@@ -50,6 +50,34 @@ async def test_a_change_shows_within_one_interval_even_while_the_ticker_waits() 
     assert "Generating" in edits.started[1][1] or "🎨" in edits.started[1][1], edits.started
 
 
+async def test_the_line_the_acknowledgement_showed_costs_no_edit_and_the_next_change_keeps_the_pace() -> None:
+    acknowledged = Progress(ProgressKind.QUEUED, ready_at=1.0e10)
+    edits = RecordedEdits()
+    loop = asyncio.get_running_loop()
+    shown_at = loop.time()
+    progress = ProgressMessage(edits, interval=INTERVAL, shown=acknowledged)
+    progress.update(Progress(ProgressKind.QUEUED, request_id="r1", ready_at=1.0e10))  # the submit
+    await asyncio.sleep(INTERVAL * 2)
+    assert edits.started == []  # the message shows that line already
+    progress.update(Progress(ProgressKind.GENERATING, elapsed=1.0, request_id="r1"))
+    generating_at = await edits.wait_for(1, timeout=1)
+    await progress.finish()
+    assert "Generating" in edits.started[0][1]
+    assert generating_at - shown_at >= INTERVAL * 0.95
+
+
+async def test_a_change_right_after_the_acknowledgement_waits_out_one_interval_from_it() -> None:
+    edits = RecordedEdits()
+    loop = asyncio.get_running_loop()
+    shown_at = loop.time()
+    progress = ProgressMessage(edits, interval=INTERVAL, shown=Progress(ProgressKind.QUEUED))
+    progress.update(Progress(ProgressKind.GENERATING, elapsed=0.0, request_id="r1"))
+    edited_at = await edits.wait_for(1, timeout=1)
+    await progress.finish()
+    # The acknowledgement counts as the message's last edit: at most one per interval.
+    assert INTERVAL * 0.95 <= edited_at - shown_at <= INTERVAL * 3
+
+
 async def test_edits_keep_one_interval_apart_however_fast_changes_come() -> None:
     edits = RecordedEdits()
     progress = ProgressMessage(edits, interval=INTERVAL)

@@ -41,11 +41,19 @@ from typing import Any, Literal
 
 from devtools.bench.process import cpu_seconds, machine_cpu_seconds, peak_rss
 from devtools.bench.report import Table, mebibytes, median, millis, percentile, seconds
-from devtools.fakes.discord.models import CALLBACK_DEFERRED_CHANNEL_MESSAGE, InteractionHandle
+from devtools.fakes.discord.models import InteractionHandle
 from devtools.fakes.discord.server import DEFAULT_USER_ID
 from devtools.fakes.segmind import jobs as segmind_jobs
 from devtools.launcher import BotLauncher, BotProcess
-from devtools.stack import Credentials, StandIns, drop_redis_keys, is_final, redis_url, sqlite_url, stand_ins
+from devtools.stack import (
+    Credentials,
+    StandIns,
+    drop_redis_keys,
+    is_answered,
+    redis_url,
+    sqlite_url,
+    stand_ins,
+)
 
 Store = Literal["sqlite", "redis"]
 
@@ -143,7 +151,7 @@ async def _burst(env: StandIns, bot: BotProcess, commands: int, store: str) -> B
     await discord.wait_for(lambda: bool(discord.synced_commands.get(discord.guild_id)), 20)
     # One uncounted job first: it pays for lazy imports, first connections and warm caches.
     warm_up = await _send(env, 0, "warm-up")
-    await discord.wait_for(lambda: _answered(warm_up), WARM_UP_TIMEOUT)
+    await discord.wait_for(lambda: is_answered(warm_up), WARM_UP_TIMEOUT)
     warm_up_uploads = len(_uploads(env))
     warm_up_requests = len(discord.requests)
     warm_up_results = len(env.segmind.stats.requests_to("result"))
@@ -155,7 +163,7 @@ async def _burst(env: StandIns, bot: BotProcess, commands: int, store: str) -> B
         async with watcher.watching():
             handles = await _send_spread(env, commands)
             await _wait_for_each(handles, lambda h: h.acknowledged, ACK_TIMEOUT)
-            await _wait_for_each(handles, _answered, DELIVERY_TIMEOUT)
+            await _wait_for_each(handles, is_answered, DELIVERY_TIMEOUT)
     cpu_after = cpu_seconds(bot.process.pid)
     machine_used = machine_cpu_seconds() - machine_before
     others = machine_used - (cpu_after - cpu_before) - (time.process_time() - driver_before)
@@ -199,11 +207,7 @@ def _failure_notes(failed: list[InteractionHandle]) -> list[str]:
     """What the members without images were told, most common first."""
     answers: Counter[str] = Counter()
     for handle in failed:
-        callback = handle.callback
-        if callback is not None and callback.type != CALLBACK_DEFERRED_CHANNEL_MESSAGE:
-            text = str((callback.data or {}).get("content", ""))
-        else:
-            text = handle.original.content if handle.original is not None else "(no answer)"
+        text = handle.original.content if handle.original is not None else "(no answer)"
         answers[" ".join(text.split())[:120]] += 1
     return [f"{count} member(s) were told: {text}" for text, count in answers.most_common(5)]
 
@@ -253,16 +257,6 @@ async def _wait_for_each(
         if loop.time() > deadline:
             raise TimeoutError(f"{len(pending)} of {len(handles)} commands not answered within {timeout:g} s")
         await asyncio.sleep(WAIT_INTERVAL)
-
-
-def _answered(handle: InteractionHandle) -> bool:
-    callback = handle.callback
-    if callback is None:
-        return False
-    if callback.type != CALLBACK_DEFERRED_CHANNEL_MESSAGE:
-        return True
-    original = handle.original
-    return original is not None and not original.loading and is_final(original)
 
 
 def _uploads(env: StandIns) -> list[Any]:

@@ -220,14 +220,14 @@ def answer_state(handle: InteractionHandle) -> str | None:
         return "failure"
     if message.attachments:
         return "result"
-    if message.loading:
+    if message.loading or _is_progress_line(message.content):
         return None
-    # An immediate reply (not a deferral) is a refusal: over quota, invalid option, out of credits.
-    if callback.type == CALLBACK_CHANNEL_MESSAGE:
-        return "failure"
-    if message.content and message.content.split(" ", 1)[0] not in PROGRESS_MARKS:
-        return "failure"
-    return None
+    # Anything else is final: a refusal (over quota, invalid option, out of credits) or a failure.
+    return "failure" if message.content or callback.type == CALLBACK_CHANNEL_MESSAGE else None
+
+
+def _is_progress_line(content: str | None) -> bool:
+    return bool(content) and str(content).split(" ", 1)[0] in PROGRESS_MARKS
 
 
 def one_line(text: str, limit: int = 200) -> str:
@@ -329,6 +329,10 @@ def summarize(run: DemoRun, recorder: TranscriptRecorder) -> None:
         run.timings["first_answer_type"] = handle.callback.type
         if handle.callback.type == CALLBACK_DEFERRED_CHANNEL_MESSAGE:
             run.summary["deferral"] = f'after {seconds_text(first)} (the member sees "is thinking…")'
+        elif handle.callback.type == CALLBACK_CHANNEL_MESSAGE and _is_progress_line(
+            (handle.callback.data or {}).get("content")
+        ):
+            run.summary["first answer"] = f"after {seconds_text(first)}: the job's first progress line"
         else:
             name = CALLBACK_NAMES.get(handle.callback.type, "an answer")
             run.summary["first answer"] = f"after {seconds_text(first)}: {name}"
@@ -337,7 +341,9 @@ def summarize(run: DemoRun, recorder: TranscriptRecorder) -> None:
         delivered: MessageEvent | None = next((e for e in events if e.attachments), None)
         if delivered is not None:
             progress = [e for e in events if e.kind == "edited" and e.at < delivered.at]
-            run.progress_texts = [e.content for e in progress if e.content]
+            # The first progress line may be the acknowledgement itself, not an edit.
+            first_line = [e.content for e in events[:1] if e.kind == "created" and e.content]
+            run.progress_texts = first_line + [e.content for e in progress if e.content]
             run.timings["progress_edits"] = len(progress)
             run.timings["result_s"] = round(delivered.at - origin, 3)
             run.summary["progress edits"] = str(len(progress))
