@@ -256,7 +256,8 @@ def add_burst(table: Table, ours_runs: Sequence[BurstFigures], fixed_runs: Seque
         # From run to run the machine's speed moves the figures by a tenth or so: all the runs are shown.
         table.notes.append(
             f"The burst ran {len(ours_runs)} times for each poller, taking turns; shown is the run with the "
-            "median CPU per job. Every run (CPU per job · acknowledged p99 · delivery lag · jobs failed): "
+            "median CPU per job. Every run (CPU per job · acknowledged p99 · longest stall · delivery lag · "
+            "jobs failed): "
             f"this bot {_burst_runs(ours_runs)}; the fixed poller {_burst_runs(fixed_runs)}."
         )
     table.notes.extend(ours.notes)
@@ -264,7 +265,8 @@ def add_burst(table: Table, ours_runs: Sequence[BurstFigures], fixed_runs: Seque
 
 def _burst_runs(runs: Sequence[BurstFigures]) -> str:
     return ", ".join(
-        f"{millis(f.cpu_per_job)} · {millis(f.ack_p99)} · {seconds(f.delivery_lag_mean)} · {f.failed}"
+        f"{millis(f.cpu_per_job)} · {millis(f.ack_p99)} · {millis(f.longest_stall or 0.0)} · "
+        f"{seconds(f.delivery_lag_mean)} · {f.failed}"
         for f in runs
     )
 
