@@ -154,6 +154,7 @@ class ProgressMessage:
         if shown is not None:
             # The message already shows this (the command's acknowledgement): it was, in effect, an edit.
             self._shown, self._shown_state = render.progress_text(shown), _state_of(shown)
+            self._progress, self._progress_at = shown, time.monotonic()  # the ticker moves its seconds on
             self._last_edit = time.monotonic()
 
     def update(self, progress: Progress) -> None:

@@ -136,7 +136,7 @@ async def _record_job(
         upload_limit=interaction.filesize_limit,
         requester_name=user.display_name,
     )
-    # Reserved and saved in one step, before Discord shows "thinking…": from this record on, the job and
+    # Reserved and saved in one step, before the command is acknowledged: from this record on, the job and
     # its reservation belong to whichever process runs it, even if this one dies a millisecond later. The
     # member's ban is checked in that step too, the refusals above (rare) having read it on their own.
     try:

@@ -30,6 +30,7 @@ from cogs.buttons import CUSTOM_ID
 from devtools.fakes.discord.models import (
     CALLBACK_CHANNEL_MESSAGE,
     CALLBACK_DEFERRED_UPDATE_MESSAGE,
+    FLAG_EPHEMERAL,
     InteractionHandle,
     StoredMessage,
 )
@@ -207,12 +208,12 @@ def started_a_job(handle: InteractionHandle) -> bool:
     """Whether the command was acknowledged as a job: its answer is the job's first progress line, where
     a refusal is a reply of its own."""
     callback = handle.callback
-    content = str((callback.data or {}).get("content") or "") if callback is not None else ""
-    return (
-        callback is not None
-        and callback.type == CALLBACK_CHANNEL_MESSAGE
-        and content.startswith(PROGRESS_MARKS)
-    )
+    if callback is None or callback.type != CALLBACK_CHANNEL_MESSAGE:
+        return False
+    data = callback.data or {}
+    # A job's line is public; refusals are only for the member who asked.
+    public = not int(data.get("flags") or 0) & FLAG_EPHEMERAL
+    return public and str(data.get("content") or "").startswith(PROGRESS_MARKS)
 
 
 def is_answered(handle: InteractionHandle) -> bool:

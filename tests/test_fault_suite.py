@@ -143,7 +143,7 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
 async def test_a_kill_at_an_edge_moment_loses_and_duplicates_nothing(
     tmp_path: Path, style: KillStyle
 ) -> None:
-    """Killed just after Discord showed "thinking…", or just after a channel post but before it was
+    """Killed just after the command was acknowledged, or just after a channel post but before it was
     recorded: the job is resumed from its record, and an earlier post is found instead of posted again."""
     report = await run_small(tmp_path, "sqlite", jobs=2, kills=0, faults=0, seed=5, edge_kills=(style,))
     why = explain(report)

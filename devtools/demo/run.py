@@ -220,7 +220,7 @@ def answer_state(handle: InteractionHandle) -> str | None:
         return "failure"
     if message.attachments:
         return "result"
-    if message.loading or _is_progress_line(message.content):
+    if message.loading or (_is_progress_line(message.content) and not message.ephemeral):
         return None
     # Anything else is final: a refusal (over quota, invalid option, out of credits) or a failure.
     return "failure" if message.content or callback.type == CALLBACK_CHANNEL_MESSAGE else None

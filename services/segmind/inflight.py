@@ -81,7 +81,7 @@ class InFlightGate:
         For commands being acknowledged: Discord gives each 3 s, and in a burst the submits of the first
         ones would otherwise share the event loop with the commands still arriving. A submit costs the
         loop more than an acknowledgement, and a member does not notice it leaving a moment later;
-        they notice the "thinking…" that does not come. Held submits leave one slot at a time, like any
+        they notice the acknowledgement that does not come. Held submits leave one slot at a time, like any
         waiter, and between commands, when no block runs, they go at once.
         """
         self._foreground += 1
