@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 # Store work an interaction waits on before its answer; twice this still leaves time within Discord's 3 s.
 ACK_STORE_SECONDS = 1.2
+# Discord's "Interaction has already been acknowledged".
+ALREADY_ACKNOWLEDGED = 40060
 
 
 @contextlib.asynccontextmanager
@@ -41,13 +43,22 @@ async def answer_failure(interaction: discord.Interaction, reply: render.Failure
     """Tells the member what went wrong without ever showing a traceback; the log has the details."""
     try:
         if interaction.response.is_done():
-            await interaction.edit_original_response(
-                content=reply.text, embed=None, attachments=[], view=None
-            )
-        else:
+            await _replace_original(interaction, reply)
+            return
+        try:
             await interaction.response.send_message(reply.text, ephemeral=True)
+        except discord.HTTPException as error:
+            if error.code != ALREADY_ACKNOWLEDGED:
+                raise
+            # Discord took an earlier answer whose reply never came back (a job's first progress line,
+            # say): that answer is what the member sees, so it is the one to replace.
+            await _replace_original(interaction, reply)
     except discord.HTTPException as error:
         log.warning("could not tell the member about a failure: %s", error)
+
+
+async def _replace_original(interaction: discord.Interaction, reply: render.FailureReply) -> None:
+    await interaction.edit_original_response(content=reply.text, embed=None, attachments=[], view=None)
 
 
 async def refuse(interaction: discord.Interaction, text: str) -> bool:

@@ -9,6 +9,7 @@ import logging
 import re
 import sqlite3
 import time
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -17,7 +18,7 @@ import redis.asyncio as aioredis
 from devtools.fakes.discord.server import InteractionHandle, StoredMessage
 from devtools.fakes.segmind.server import SegmindServerSettings
 from devtools.fakes.tcp_proxy import ProxyMode, TcpProxy
-from devtools.stack import REDIS_URL, BotStack
+from devtools.stack import PROGRESS_MARKS, REDIS_URL, BotStack
 from services.store.base import JobRecord, JobState, QuotaLimits, Reservation, new_job_id
 from tests.conftest import SEGMIND_KEY, StackFactory, database_url
 
@@ -369,3 +370,37 @@ async def test_a_job_that_cannot_get_a_slot_in_time_is_told_when_to_try_again(
     assert re.search(r"try again at <t:\d+:T>", text) and "not charged" in text, text
     assert len(stack.segmind.stats.submits) == 1
     assert (await stack.bot.quota.usage(OTHER_USER, stack.discord.guild_id)).in_flight == 0
+
+
+async def test_an_acknowledgement_whose_answer_is_lost_is_replaced_by_the_failure(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack()
+    lost = [1]
+    for route in stack.discord.rest.routes:
+        if route.name != "callback":
+            continue
+        handler = route.handler
+
+        async def answer_lost(call: Any, handler: Any = handler) -> Any:
+            # Discord takes the job's first progress line, and the bot never hears so: a 5xx, then the
+            # retry is told the interaction was acknowledged already.
+            reply = await handler(call)
+            if lost[0]:
+                lost[0] -= 1
+                return 500, {"message": "500: Internal Server Error", "code": 0}
+            return reply
+
+        route.handler = answer_lost
+    handle = await stack.discord.send_slash_command("imagine", {"prompt": "the lost answer"})
+    await stack.discord.wait_for(
+        lambda: handle.original is not None and not handle.original.content.startswith(PROGRESS_MARKS),
+        timeout=20,
+    )
+    # Not left saying "queued" for a job that will never run; nothing was sent, nothing is charged.
+    assert handle.original is not None and "went wrong" in handle.original.content.lower()
+    assert stack.segmind.stats.submits == []
+    job = await latest_job(stack)
+    assert job.state is JobState.FAILED
+    usage = await stack.bot.quota.usage(job.user_id, job.guild_id)
+    assert usage.used_images == 0 and usage.in_flight == 0
