@@ -154,8 +154,9 @@ class ProgressMessage:
         if shown is not None:
             # The message already shows this (the command's acknowledgement): it was, in effect, an edit.
             self._shown, self._shown_state = render.progress_text(shown), _state_of(shown)
-            self._progress, self._progress_at = shown, time.monotonic()  # the ticker moves its seconds on
-            self._last_edit = time.monotonic()
+            # The ticker moves its seconds on from here, and the next edit keeps the pace from here.
+            self._progress, self._progress_at = shown, time.monotonic()
+            self._last_edit = self._progress_at
 
     def update(self, progress: Progress) -> None:
         if self._closed:

@@ -51,7 +51,15 @@ from devtools.fakes.discord.models import (
     iter_components,
 )
 from devtools.fakes.discord.server import DiscordStandIn
-from devtools.stack import PROGRESS_MARKS, BotStack, BotStopped, Credentials, running_bot, stand_ins
+from devtools.stack import (
+    PROGRESS_MARKS,
+    BotStack,
+    BotStopped,
+    Credentials,
+    running_bot,
+    stand_ins,
+    started_a_job,
+)
 
 log = logging.getLogger("devtools.demo")
 
@@ -329,9 +337,7 @@ def summarize(run: DemoRun, recorder: TranscriptRecorder) -> None:
         run.timings["first_answer_type"] = handle.callback.type
         if handle.callback.type == CALLBACK_DEFERRED_CHANNEL_MESSAGE:
             run.summary["deferral"] = f'after {seconds_text(first)} (the member sees "is thinking…")'
-        elif handle.callback.type == CALLBACK_CHANNEL_MESSAGE and _is_progress_line(
-            (handle.callback.data or {}).get("content")
-        ):
+        elif started_a_job(handle):
             run.summary["first answer"] = f"after {seconds_text(first)}: the job's first progress line"
         else:
             name = CALLBACK_NAMES.get(handle.callback.type, "an answer")
