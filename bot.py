@@ -37,11 +37,18 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import discord
 from dotenv import load_dotenv
+
+try:
+    import uvloop
+except ImportError:  # it does not build on Windows, where the standard loop runs the bot, more slowly
+    uvloop = None
 
 from cogs.app import CommandsRefused, DreamshaperBot, point_discord_py_at
 from services.config import Config, ConfigError
@@ -245,6 +252,15 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD)
 
 
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    # uvloop's sockets, timers and callbacks are libuv's, in C: in a burst of a thousand jobs the loop's
+    # own work is a quarter of the bot's CPU, and libuv does it for less (README, "Performance").
+    if uvloop is None:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     try:
@@ -261,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     point_discord_py_at(config.discord_api_base, config.discord_gateway_url)
     tune_garbage_collector()
     try:
-        asyncio.run(run(config))
+        run_event_loop(run(config))
     except StartupError as error:
         log.error("cannot start: %s", error)
         return error.exit_status

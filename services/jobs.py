@@ -502,29 +502,31 @@ class JobService:
 
     async def _wait(self, submitted: SubmittedJob, on_progress: ProgressCallback) -> JobResult:
         started_at: float | None = None  # seconds after submit when the job was first seen running
-        async for event in self.client.wait(submitted):
-            if event.result is not None:
-                return event.result
-            ready_at = None if event.expected_in is None else self._clock() + event.expected_in
-            if event.state is SegmindState.QUEUED:
+        # Closed on return, not left to the collector: that costs a task and a wake-up of its own per job.
+        async with contextlib.aclosing(self.client.wait(submitted)) as events:
+            async for event in events:
+                if event.result is not None:
+                    return event.result
+                ready_at = None if event.expected_in is None else self._clock() + event.expected_in
+                if event.state is SegmindState.QUEUED:
+                    on_progress(
+                        Progress(
+                            ProgressKind.QUEUED,
+                            elapsed=event.elapsed,
+                            request_id=event.request_id,
+                            ready_at=ready_at,
+                        )
+                    )
+                    continue
+                started_at = event.elapsed if started_at is None else started_at
                 on_progress(
                     Progress(
-                        ProgressKind.QUEUED,
-                        elapsed=event.elapsed,
+                        ProgressKind.GENERATING,
+                        elapsed=event.elapsed - started_at,
                         request_id=event.request_id,
                         ready_at=ready_at,
                     )
                 )
-                continue
-            started_at = event.elapsed if started_at is None else started_at
-            on_progress(
-                Progress(
-                    ProgressKind.GENERATING,
-                    elapsed=event.elapsed - started_at,
-                    request_id=event.request_id,
-                    ready_at=ready_at,
-                )
-            )
         raise SegmindError("the wait ended without a result", request_id=submitted.request_id)
 
     async def _fail(self, job: JobRecord, error: BaseException, *, billed: bool) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -111,6 +114,30 @@ async def test_a_finished_job_charges_its_images_and_is_recorded(service: JobSer
     await service.mark_delivered(generated.job, message_id=99)
     delivered = await store.get_job(job.id)
     assert delivered is not None and delivered.state is JobState.DELIVERED and delivered.message_id == 99
+
+
+async def test_a_finished_job_closes_its_wait_at_segmind_instead_of_leaving_it_to_the_collector(
+    service: JobService,
+) -> None:
+    # An async generator left open is closed by the loop later, a task and a wake-up of its own per job;
+    # a thousand jobs finishing together pay for that in CPU.
+    left_open: list[str] = []
+    firstiter, finalizer = sys.get_asyncgen_hooks()
+
+    def note(generator: Any) -> None:
+        left_open.append(generator.__qualname__)
+        if finalizer is not None:
+            finalizer(generator)
+
+    sys.set_asyncgen_hooks(firstiter=firstiter, finalizer=note)
+    try:
+        job = await new_job(service, GenerationRequest(prompt="two owls", samples=1))
+        generated = await service.run(job, lambda _p: None)
+        del generated
+        gc.collect()
+    finally:
+        sys.set_asyncgen_hooks(firstiter=firstiter, finalizer=finalizer)
+    assert left_open == []
 
 
 async def test_a_content_block_refunds_and_says_so(service: JobService, store: Store) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import random
 import time
@@ -342,12 +343,13 @@ class SegmindClient:
         self._waiting += 1
         counted = True
         try:
-            async for event in self._checks(job, schedule):
-                if event.result is not None:
-                    # Done with Segmind: its room is free before the caller even looks at the result.
-                    self._waiting -= 1
-                    counted = False
-                yield event
+            async with contextlib.aclosing(self._checks(job, schedule)) as checks:
+                async for event in checks:
+                    if event.result is not None:
+                        # Done with Segmind: its room is free before the caller even looks at the result.
+                        self._waiting -= 1
+                        counted = False
+                    yield event
         finally:
             if counted:
                 self._waiting -= 1
