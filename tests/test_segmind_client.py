@@ -290,7 +290,7 @@ async def test_the_budget_holds_over_a_window(server: SegmindServer, session: ai
     jobs = await asyncio.gather(*(client.submit(GenerationRequest(prompt=f"job {n}")) for n in range(3)))
     await asyncio.gather(*(run_to_completion(client, job) for job in jobs))
     total = len(server.stats.requests)
-    # Three submits and at least a check each (a busy budget checks at the result URL, which brings it).
+    # Three submits and at least a check each (a check at the result URL brings the result too).
     assert total >= 6
     # Arrival times are measured by the server: allow for a few milliseconds of loopback jitter.
     assert server.stats.max_requests_in_window(0.95) <= 4
@@ -420,6 +420,21 @@ async def test_a_busy_budget_checks_a_likely_finished_job_at_its_result_url_and_
     mine = [r for r in server.stats.requests_to("status", "result") if job.request_id in r.path]
     assert mine and all(r.target == "result" for r in mine)
     assert client.early_results
+
+
+async def test_with_room_in_the_budget_the_check_that_finds_a_job_done_brings_its_result_too(
+    server: SegmindServer, session: aiohttp.ClientSession
+) -> None:
+    client = make_client(session, server.base_url)
+    job = await client.submit(GenerationRequest(prompt="one request less", img_width=512, img_height=512))
+    events = await run_to_completion(client, job)
+
+    assert events[-1].result is not None and events[-1].result.outputs
+    ended_at = server._jobs[job.request_id].ends_at
+    mine = [r for r in server.stats.requests_to("status", "result") if job.request_id in r.path]
+    # Not a status check that saw COMPLETED and then a request for the result: one answer brought both.
+    after_the_end = [r.target for r in mine if r.time >= ended_at]
+    assert after_the_end == ["result"]
 
 
 async def test_a_loop_running_behind_checks_a_likely_finished_job_at_its_result_url_like_a_busy_budget(

@@ -186,6 +186,7 @@ async def test_a_redirect_to_another_origin_is_never_followed_and_the_get_is_ret
     server: SegmindServer, evil: EvilServer, session: aiohttp.ClientSession
 ) -> None:
     client = make_client(session, server.base_url)
+    client.early_results = False  # every check at the status URL, where the first redirects wait
     job = await client.submit(GenerationRequest(prompt="a boat", img_width=512, img_height=512))
     # A same-origin hop first (followed by the client itself), then a hop to the evil origin.
     server.inject("redirect", target="status", location=job.status_url)
@@ -251,6 +252,7 @@ async def test_the_key_is_scrubbed_from_failed_texts(
     server: SegmindServer, session: aiohttp.ClientSession, debug_logs: pytest.LogCaptureFixture
 ) -> None:
     client = make_client(session, server.base_url)
+    client.early_results = False  # every check at the status URL, where the answer echoes the key
     job = await client.submit(GenerationRequest(prompt="a cat", img_width=512, img_height=512))
     server.inject("echo_key", target="status")
     with pytest.raises(JobFailed) as caught:

@@ -164,8 +164,9 @@ class SegmindClient:
         self.durations = durations or DurationModel()
         self.max_poll_interval = max_poll_interval
         self.poll_interval = poll_interval
-        # While the budget is busy, a job that has likely ended is checked at its result URL, which saves
-        # the separate result request; off for good once Segmind is seen not to answer that way.
+        # A job that has likely ended is checked at its result URL: once it has, the one answer brings the
+        # result too, saving a request (room in the budget, CPU, a round trip). Off for good once Segmind
+        # is seen not to answer that way for unfinished jobs.
         self.early_results = True
         self.loop_load: Callable[[], float] = lambda: 0.0
         self._early_misses = 0
@@ -363,7 +364,7 @@ class SegmindClient:
                 raise JobTimeout(request_id=job.request_id, waited=now - job.submitted_at)
             await self._until_due(schedule, now)
             result: JobResult | None = None
-            if self.early_results and self._budget_busy() > 0 and schedule.likely_ended(time.monotonic()):
+            if self.early_results and schedule.likely_ended(time.monotonic()):
                 state, result = await self._check_result(job, schedule)
             else:
                 state = await self._check(job, schedule)
