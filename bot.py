@@ -124,7 +124,7 @@ async def _let_store_threads_end(threads_before: set[threading.Thread]) -> None:
     started = [
         thread
         for thread in threading.enumerate()
-        if thread not in threads_before and not thread.name.startswith("asyncio_")
+        if thread not in threads_before and not thread.name.startswith(("asyncio_", "uvloop_"))
     ]
 
     def join_them() -> None:
@@ -253,8 +253,8 @@ def tune_garbage_collector() -> None:
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
-    # uvloop's sockets, timers and callbacks are libuv's, in C: in a burst of a thousand jobs the loop's
-    # own work is a quarter of the bot's CPU, and libuv does it for less (README, "Performance").
+    # uvloop's sockets, timers and callbacks are libuv's, in C, where asyncio's are Python: in a burst of a
+    # thousand jobs the loop's own work is a large share of the bot's CPU.
     if uvloop is None:
         asyncio.run(main)
     else:

@@ -313,9 +313,10 @@ class StartLine:
                 continue
             self._waiting.popleft()
             ticket.set_result(None)
-            began = loop.time()
+            # Not loop.time(): uvloop reads its clock once per turn, in whole milliseconds.
+            began = time.monotonic()
             await asyncio.sleep(0)
-            turn = loop.time() - began
+            turn = time.monotonic() - began
             if turn > BUSY_TURN_SECONDS:
                 await asyncio.sleep(min(turn, MAX_START_HOLD_SECONDS))
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from devtools.fakes.segmind.settings import SegmindServerSettings
 from devtools.stack import (
@@ -30,6 +31,21 @@ SEGMIND_KEY = "sg_e2e_secret_key_93b1"
 BOT_TOKEN = "bot.e2e.secret-token-77"
 CREDENTIALS = Credentials(BOT_TOKEN, SEGMIND_KEY)
 BLOCKED_WORD = "forbidden"
+
+# The bot runs on uvloop (bot.py); these modules' code leans on how the loop keeps time (timers, turns),
+# so their tests run on both loops. The rest drive the bot in-process on asyncio's own loop.
+BOTH_LOOPS = frozenset(
+    {"test_inflight.py", "test_watchdog.py", "test_store_batching.py", "test_progress_message.py"}
+)
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.path.name in BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
 
 # The example payload on Segmind's Dreamshaper SDXL API page, as given there.
 PAGE_EXAMPLE: dict[str, object] = {

@@ -170,7 +170,7 @@ async def test_content_block_is_failed_422_with_the_request_id(
         await run_to_completion(client, job)
     assert caught.value.is_content_block
     assert caught.value.request_id == job.request_id
-    assert any(r.status == 422 for r in server.stats.requests_to("status"))
+    assert any(r.status == 422 for r in server.stats.requests_to("status", "result"))
 
 
 async def test_expired_request_is_not_found(session: aiohttp.ClientSession) -> None:

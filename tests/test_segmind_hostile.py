@@ -165,10 +165,12 @@ async def test_foreign_status_and_response_urls_are_never_called(
     assert_key_absent(debug_logs.text)
 
 
+@pytest.mark.parametrize("early_results", [True, False])
 async def test_a_job_handle_with_foreign_urls_is_polled_on_the_base_url(
-    server: SegmindServer, evil: EvilServer, session: aiohttp.ClientSession
+    server: SegmindServer, evil: EvilServer, session: aiohttp.ClientSession, early_results: bool
 ) -> None:
     client = make_client(session, server.base_url)
+    client.early_results = early_results  # off: every check at the status URL
     request = GenerationRequest(prompt="a fox", img_width=512, img_height=512)
     submitted = await client.submit(request)
     handle = SubmittedJob(
@@ -180,6 +182,7 @@ async def test_a_job_handle_with_foreign_urls_is_polled_on_the_base_url(
     )
     await completes(client, handle)
     assert evil.requests == []
+    assert server.stats.requests_to("status" if not early_results else "result")
 
 
 async def test_a_redirect_to_another_origin_is_never_followed_and_the_get_is_retried(
@@ -248,13 +251,15 @@ def test_same_origin_normalises_case_and_default_ports() -> None:
 # ---- the key is scrubbed from every text that comes back ------------------------------------------
 
 
+@pytest.mark.parametrize("target", ["status", "result"])
 async def test_the_key_is_scrubbed_from_failed_texts(
-    server: SegmindServer, session: aiohttp.ClientSession, debug_logs: pytest.LogCaptureFixture
+    server: SegmindServer, session: aiohttp.ClientSession, debug_logs: pytest.LogCaptureFixture, target: str
 ) -> None:
     client = make_client(session, server.base_url)
-    client.early_results = False  # every check at the status URL, where the answer echoes the key
+    # The job is checked at its result URL once it has likely ended, at its status URL only without that.
+    client.early_results = target == "result"
     job = await client.submit(GenerationRequest(prompt="a cat", img_width=512, img_height=512))
-    server.inject("echo_key", target="status")
+    server.inject("echo_key", target=target)  # type: ignore[arg-type]
     with pytest.raises(JobFailed) as caught:
         await completes(client, job)
     failed = caught.value
@@ -507,15 +512,19 @@ async def test_v1_image_bytes_are_capped(session: aiohttp.ClientSession) -> None
 @pytest.mark.parametrize(
     "body", ["not json", "[]", '{"status": "WEIRD"}', '{"request_id": "x"}', '{"status": 7}', "nul"]
 )
+@pytest.mark.parametrize("early_results", [True, False])
 async def test_one_malformed_answer_then_a_good_one_completes(
-    server: SegmindServer, session: aiohttp.ClientSession, body: str
+    server: SegmindServer, session: aiohttp.ClientSession, body: str, early_results: bool
 ) -> None:
     client = make_client(session, server.base_url)
+    client.early_results = early_results  # off: the status URL's malformed answer is met too
     job = await client.submit(GenerationRequest(prompt="odd", img_width=512, img_height=512))
     server.inject("malformed", target="status", body=body)
     server.inject("malformed", target="result", body=body)
     await completes(client, job)
     assert [r.status for r in server.stats.requests_to("result")] == [200, 200]
+    left = [fault["target"] for fault in server._faults.describe()]
+    assert early_results or left == []  # without early results, the status URL's fault was met
 
 
 async def test_a_completed_result_without_outputs_is_retried(

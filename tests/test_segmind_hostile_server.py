@@ -167,12 +167,15 @@ async def test_echo_key_repeats_the_received_key_in_the_error(
         body = await response.json()
     assert (body["request_id"], body["status"]) == ("abc", "FAILED")
     assert KEY in body["error"]
-    for target, url in (("result", "/v2/requests/abc"), ("submit", f"/v2/{MODEL}")):
-        server.inject("echo_key", target=target)  # type: ignore[arg-type]
-        method = http.post if target == "submit" else http.get
-        async with method(server.base_url + url) as response:
-            assert response.status == 500
-            assert KEY in (await response.json())["error"]
+    server.inject("echo_key", target="result")
+    async with http.get(f"{server.base_url}/v2/requests/abc") as response:
+        assert response.status == 422
+        body = await response.json()
+    assert body["status"] == "FAILED" and KEY in body["error"]
+    server.inject("echo_key", target="submit")
+    async with http.post(f"{server.base_url}/v2/{MODEL}") as response:
+        assert response.status == 500
+        assert KEY in (await response.json())["error"]
 
 
 @pytest.mark.parametrize(

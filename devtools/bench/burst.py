@@ -429,7 +429,8 @@ def figures_lines(figures: BurstFigures) -> list[str]:
         f"bot CPU {figures.cpu_per_job * 1000:.2f} ms per job, peak RSS {figures.peak_rss / 2**20:.0f} MiB",
         f"delivery lag mean {figures.delivery_lag_mean:.3f} s, p95 {figures.delivery_lag_p95:.3f} s",
         f"per job: {figures.progress_edits_per_job:.2f} progress edits, "
-        f"{figures.status_polls_per_job:.2f} Segmind status checks, {figures.results_per_job:.2f} result requests",
+        f"{figures.status_polls_per_job:.2f} Segmind status checks, {figures.results_per_job:.2f} requests at the "
+        "result URL (checks there included)",
         f"driver: loop late up to {figures.driver_lag_max * 1000:.0f} ms, "
         f"CPU {figures.driver_cpu_share:.0%} of a core; other processes {figures.others_cpu_share:.0%}",
         *figures.notes,

@@ -7,9 +7,9 @@ one has its final answer. What each job cost and how late it was is read from th
 * delivered after: from the job's end on the Segmind stand-in (its timeline's `ends_at`) to the arrival of
   the upload of its images at the Discord stand-in;
 * status calls: the GETs the Segmind stand-in answered about the job's request id (at its status URL, or at
-  its result URL, where a busy bot checks a job that has likely ended), less the one result fetch every
+  its result URL, where the bot checks a job that has likely ended), less the one result fetch every
   job needs;
-* acknowledged after: from the interaction's creation to the deferral's arrival;
+* acknowledged after: from the interaction's creation to the acknowledgement's arrival;
 * submitted after: from the interaction's creation to the submit's arrival (what a member waits for a turn);
 * "Generating" shown after: from the first status check that could have seen the job running to the first
   edit of its message that says so.

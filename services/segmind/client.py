@@ -131,8 +131,9 @@ class SegmindClient:
       from the `metrics` of finished jobs, and give way when the budget is busy. With `poll_interval`,
       every job is checked at that fixed interval instead, as Segmind's own SDK does.
     * Work already at Segmind goes first: when requests wait for the budget, result fetches go before
-      status checks, and those before submits; submits take turns by `asker`. While the budget is busy,
-      a job is checked once it has most likely ended, at its result URL, so it costs about two requests.
+      status checks, and those before submits; submits take turns by `asker`.
+    * A job that has likely ended is checked at its result URL, so the check that finds it done brings
+      the result too. While the budget is busy, that is its only check, so a job costs about two requests.
     """
 
     def __init__(
@@ -428,7 +429,11 @@ class SegmindClient:
         for request_id, sent_at in list(self._sent.items()):
             if now - sent_at > self.budget.window:
                 del self._sent[request_id]
-        per_job = FOLLOW_UPS_PER_JOB - 1 if self.early_results else FOLLOW_UPS_PER_JOB
+        per_job = (
+            FOLLOW_UPS_PER_JOB - 1
+            if self.early_results and self.poll_interval is None
+            else FOLLOW_UPS_PER_JOB
+        )
         return per_job * (self._sending + len(self._sent) + self._waiting)
 
     def _budget_busy(self) -> float:

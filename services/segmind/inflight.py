@@ -23,8 +23,9 @@ DECREASE = 0.8
 # half second (GATE_GRACE_SECONDS) the request budget allows between a grant and the request leaving
 # before it counts the request twice.
 SUBMIT_HOLD_SECONDS = 0.3
-# The loop may run a timer this much before it is due (asyncio's own allowance).
-_CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
+# The loop may run a timer this much before it is due: asyncio allows its clock's resolution, and uvloop
+# counts time in whole milliseconds.
+_TIMER_EARLY = max(0.001, time.get_clock_info("monotonic").resolution)
 
 
 class InFlightGate:
@@ -64,7 +65,10 @@ class InFlightGate:
         self._cut = False  # the limit came down for the stall under way
         self._foreground = 0  # blocks under way that submits give way to (see `foreground`)
         self._submits_waiting = 0
-        self._hold_ends: asyncio.TimerHandle | None = None  # wakes the gate when the first hold is over
+        # Wakes the gate when the first hold is over. A timer due at once is a plain Handle under uvloop,
+        # with no `when()`, so its time is kept here.
+        self._hold_ends: asyncio.Handle | None = None
+        self._hold_ends_at = 0.0
 
     def pressure(self) -> float:
         """From 0 (nobody waits) to 1 (as many wait as are let in at once): how far demand exceeds what
@@ -100,7 +104,7 @@ class InFlightGate:
         return (
             priority >= Priority.SUBMIT
             and self._foreground > 0
-            and time.monotonic() + _CLOCK_RESOLUTION < since + SUBMIT_HOLD_SECONDS
+            and time.monotonic() + _TIMER_EARLY < since + SUBMIT_HOLD_SECONDS
         )
 
     @contextlib.asynccontextmanager
@@ -185,10 +189,11 @@ class InFlightGate:
 
     def _wake_at(self, when: float) -> None:
         """One timer for the gate, at the earliest hold's end (on the loop's clock, time.monotonic)."""
-        if self._hold_ends is not None and not self._hold_ends.cancelled() and self._hold_ends.when() <= when:
+        if self._hold_ends is not None and not self._hold_ends.cancelled() and self._hold_ends_at <= when:
             return
         if self._hold_ends is not None:
             self._hold_ends.cancel()
+        self._hold_ends_at = when
         self._hold_ends = asyncio.get_running_loop().call_at(when, self._hold_over)
 
     def _hold_over(self) -> None:

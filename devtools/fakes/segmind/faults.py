@@ -18,8 +18,8 @@ not follow its own API, so the client's defences can be tested:
 * `malformed` (submit, status, result; `body` required, `after_accept` default false): `200` with
   `body` as raw text under `Content-Type: application/json` (`"not json"`, `"[]"`,
   `'{"status": "WEIRD"}'`). On a submit with `after_accept`, the job is created first.
-* `echo_key` (submit, status, result): the error text echoes the received `x-api-key`: on status a
-  `422` FAILED answer, elsewhere a `500`.
+* `echo_key` (submit, status, result): the error text echoes the received `x-api-key`: on status and result a
+  `422` FAILED answer, on submit a `500`.
 * `odd_image` (output; `format` required): the output file is served as `mpo` (a multi-picture JPEG,
   as Pillow writes it with `save_all`), `gif`, `bmp`, `tiff`, `png`, `webp`, `truncated` (a
   JPEG cut in half) or `garbage` (not an image; served as `image/jpeg`).

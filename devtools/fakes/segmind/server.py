@@ -141,7 +141,7 @@ _SERVER_ERROR_MESSAGES = {
 def echo_key_response(request: web.Request, target: str) -> web.Response:
     """An error text that repeats the received key, as a careless gateway might."""
     key = request.headers.get("x-api-key", "")
-    if target == "status":
+    if target in ("status", "result"):  # a FAILED job, as either URL serves it
         return web.json_response(
             {
                 "request_id": request.match_info.get("request_id", ""),
