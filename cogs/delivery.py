@@ -313,7 +313,7 @@ class StartLine:
                 continue
             self._waiting.popleft()
             ticket.set_result(None)
-            # Not loop.time(): uvloop reads its clock once per turn, in whole milliseconds.
+            # Not loop.time(): uvloop's clock counts whole milliseconds, too coarse for BUSY_TURN_SECONDS.
             began = time.monotonic()
             await asyncio.sleep(0)
             turn = time.monotonic() - began

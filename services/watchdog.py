@@ -62,7 +62,7 @@ class LoopWatchdog:
 
     async def _watch(self) -> None:
         while True:
-            # Not loop.time(): uvloop reads its clock once per turn, so a turn's own work would not show.
+            # Not loop.time(): uvloop's clock counts whole milliseconds, coarse beside the thresholds.
             expected = time.monotonic() + self.tick
             await asyncio.sleep(self.tick)
             late = time.monotonic() - expected

@@ -11,7 +11,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-import uvloop
+
+try:
+    import uvloop
+except ImportError:  # not built on Windows: the tests run on asyncio's loop alone there
+    uvloop = None
 
 from devtools.fakes.segmind.settings import SegmindServerSettings
 from devtools.stack import (
@@ -42,7 +46,7 @@ BOTH_LOOPS = frozenset(
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    if item.path.name in BOTH_LOOPS:
+    if item.path.name in BOTH_LOOPS and uvloop is not None:
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
 

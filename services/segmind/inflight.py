@@ -188,7 +188,8 @@ class InFlightGate:
         return bool(self._waiting) and self._held(self._waiting[0][0], self._waiting[0][3])
 
     def _wake_at(self, when: float) -> None:
-        """One timer for the gate, at the earliest hold's end (on the loop's clock, time.monotonic)."""
+        """One timer for the gate, at the earliest hold's end: `when` is on time.monotonic, which is asyncio's
+        clock and, in whole milliseconds, uvloop's."""
         if self._hold_ends is not None and not self._hold_ends.cancelled() and self._hold_ends_at <= when:
             return
         if self._hold_ends is not None:
