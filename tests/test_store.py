@@ -9,6 +9,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -339,6 +340,33 @@ async def main(url, prefix, start, now, attempts, daily):
 url, prefix, start, now, attempts, daily = sys.argv[1:]
 asyncio.run(main(url, prefix, float(start), float(now), int(attempts), int(daily)))
 """
+
+
+def test_stores_opening_one_new_file_at_once_all_open_it(tmp_path: Path) -> None:
+    # Shard processes started together on one new file: each store on a thread of its own with its own loop
+    # (SQLite locks the file the same for connections of one process as of many), and many rounds, since
+    # the clash happens in a few.
+    def open_and_close(path: Path, together: threading.Barrier, errors: list[BaseException]) -> None:
+        async def main() -> None:
+            together.wait()
+            store = await open_store(f"sqlite:///{path}")
+            await store.close()
+
+        try:
+            asyncio.run(main())
+        except Exception as error:
+            errors.append(error)
+
+    errors: list[BaseException] = []
+    for round_ in range(40):
+        together = threading.Barrier(4)
+        path = tmp_path / f"round-{round_}" / "jobs.sqlite3"
+        openers = [threading.Thread(target=open_and_close, args=(path, together, errors)) for _ in range(4)]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join()
+    assert errors == []
 
 
 async def test_two_processes_share_the_quota_exactly(backend: Backend) -> None:

@@ -62,6 +62,8 @@ COMMAND_SYNCS_SINCE = 3
 PER_SERVER_QUOTA_SINCE = 5
 NO_SERVER = 0
 DEFAULT_BUSY_TIMEOUT = 10.0
+# Between tries to turn a new file to WAL while another process does the same (on the store's thread).
+WAL_SWITCH_RETRY_SECONDS = 0.01
 # One commit serves this many writes at most: each of their callers wakes when it is done, and waking
 # hundreds at once would hold the event loop (and every command waiting on it) for as long as they all run.
 MAX_WRITES_PER_TRANSACTION = 64
@@ -209,9 +211,9 @@ class SQLiteStore:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 # Opened and prepared on the thread: the schema may have to wait for another process's lock.
                 patient_db = await loop.run_in_executor(thread, _connect_patient, path, busy_timeout)
+                await loop.run_in_executor(thread, _use_wal, patient_db, busy_timeout)
                 await loop.run_in_executor(thread, _prepare, patient_db, path, job_retention)
-                db = _connect(path, busy_timeout=0.0)
-                _tune_for_the_loop(db)
+                db = await loop.run_in_executor(thread, _connect_for_the_loop, path, busy_timeout)
         except BaseException:
             if db is not None:
                 db.close()
@@ -730,13 +732,18 @@ def _connect_patient(path: str, busy_timeout: float) -> sqlite3.Connection:
     return _connect(path, busy_timeout=busy_timeout)
 
 
-def _tune_for_the_loop(db: sqlite3.Connection) -> None:
+def _connect_for_the_loop(path: str, patience: float) -> sqlite3.Connection:
+    """The connection the loop uses, made on the store's thread: its first statements may wait for another
+    process opening the same file, and only then is it told never to wait."""
+    db = _connect(path, busy_timeout=patience, check_same_thread=False)
     # NORMAL is durable against application crashes in WAL mode, only an OS crash may lose the last
     # transactions, which is fine for quota and job bookkeeping; and a commit then writes the log without
     # flushing it to disk, so it costs the loop no wait on the disk.
     db.execute("PRAGMA synchronous=NORMAL")
     # The checkpoints (which do flush) are the thread's, never a commit's on the loop.
     db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("PRAGMA busy_timeout=0")
+    return db
 
 
 def _busy(error: sqlite3.Error) -> bool:
@@ -748,9 +755,26 @@ def _checkpoint(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
+def _use_wal(db: sqlite3.Connection, patience: float) -> None:
+    """Turns a new file to WAL, waiting up to `patience` seconds for other processes doing the same.
+
+    Each of two processes switching one new file at once holds a read lock and wants the write lock: SQLite
+    answers one of them "database is locked" at once, without waiting (either would wait forever). Once the
+    other's switch is done, the file is WAL already and the switch costs nothing.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if not _busy(error) or time.monotonic() >= deadline:
+                raise
+        time.sleep(WAL_SWITCH_RETRY_SECONDS)
+
+
 def _prepare(db: sqlite3.Connection, path: str, job_retention: float) -> None:
     if path != MEMORY:
-        db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
     db.execute("BEGIN IMMEDIATE")
     try:
